@@ -1,0 +1,289 @@
+"""YAML configs with ``_base_`` inheritance, dotted overrides and validation.
+
+* ``_base_: other.yaml`` (or a list) merges the named files first, paths relative
+  to the including file; later files and the command line win.
+* A mapping with ``_delete_: true`` replaces what the bases had there instead of
+  merging into it (mmengine's convention), e.g. to switch a distiller's ``type``.
+* ``key.sub=value`` overrides are parsed by OmegaConf (YAML scalars, lists).
+* ``validate(cfg, schema)`` checks every key against a dataclass schema and every
+  ``{type: ...}`` section against the signature of the registered callable, so an
+  unknown key or a wrong type fails before any work starts, naming the key path
+  and the file (or "command line") that set it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import tempfile
+import typing
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from .registry import Registry
+
+BASE_KEY = "_base_"
+DELETE_KEY = "_delete_"
+CLI = "command line"
+
+
+class ConfigError(ValueError):
+    """A config problem, with the key path and the file that set it."""
+
+
+# ----------------------------------------------------------------------------- loading
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(dst: dict, src: Mapping, src_name: str, prov: Dict[str, str], prefix: str = "") -> dict:
+    """Recursive dict merge of ``src`` into ``dst``; records which file set each leaf."""
+    for key, value in src.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            value = dict(value)
+            replace = bool(value.pop(DELETE_KEY, False))
+            if replace or not isinstance(dst.get(key), dict):
+                for p in [p for p in prov if p == path or p.startswith(path + ".")]:
+                    del prov[p]
+                dst[key] = {}
+                prov[path] = src_name
+            _merge(dst[key], value, src_name, prov, path + ".")
+        else:
+            for p in [p for p in prov if p.startswith(path + ".")]:
+                del prov[p]
+            dst[key] = value
+            prov[path] = src_name
+    return dst
+
+
+def _load_tree(path: Path, prov: Dict[str, str], stack: Tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in stack:
+        raise ConfigError(f"{path}: circular _base_ chain: {' -> '.join(map(str, stack + (path,)))}")
+    data = _read_yaml(path)
+    bases = data.pop(BASE_KEY, [])
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{path}: _base_ must be a path or a list of paths, got {bases!r}")
+    merged: dict = {}
+    for base in bases:
+        base_path = (path.parent / base)
+        if not base_path.is_file():
+            raise ConfigError(f"{path}: _base_ file {base!r} not found (looked at {base_path})")
+        base_prov: Dict[str, str] = {}
+        base_tree = _load_tree(base_path, base_prov, stack + (path,))
+        _merge(merged, base_tree, "", {})
+        prov.update(base_prov)
+    _merge(merged, data, str(path), prov)
+    return merged
+
+
+def parse_overrides(overrides: Iterable[str]) -> dict:
+    overrides = list(overrides)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"{CLI}: override {item!r} is not of the form key.sub=value")
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(overrides))
+    except Exception as e:  # OmegaConf's grammar errors
+        raise ConfigError(f"{CLI}: cannot parse overrides {overrides}: {e}") from None
+
+
+def load_config(path: os.PathLike | str, overrides: Sequence[str] = (),
+                schema: Optional[type] = None) -> DictConfig:
+    """Load ``path`` with its bases and ``overrides``; validate against ``schema`` if given.
+
+    The returned config carries ``_provenance_`` (key path -> file) in its metadata,
+    available through :func:`provenance`.
+    """
+    prov: Dict[str, str] = {}
+    tree = _load_tree(Path(path), prov)
+    _merge(tree, parse_overrides(overrides), CLI, prov)
+    if schema is not None:
+        tree = validate(tree, schema, prov)
+    cfg = OmegaConf.create(tree)
+    _PROVENANCE[id(cfg)] = prov
+    return cfg
+
+
+_PROVENANCE: Dict[int, Dict[str, str]] = {}
+
+
+def provenance(cfg: DictConfig) -> Dict[str, str]:
+    return _PROVENANCE.get(id(cfg), {})
+
+
+def save_config(cfg: DictConfig | Mapping, path: os.PathLike | str) -> None:
+    """Write the resolved config atomically (temp file + rename)."""
+    container = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, (DictConfig, ListConfig)) else cfg
+    atomic_write_text(path, yaml.safe_dump(container, sort_keys=False))
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+# ----------------------------------------------------------------------------- validation
+def registry_field(registry: Registry, default: Any = dataclasses.MISSING, **kw):
+    """A schema field holding ``{type: ..., **kwargs}`` for ``registry``."""
+    meta = {"registry": registry}
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata=meta, **kw)
+    return dataclasses.field(default_factory=lambda: dict(default), metadata=meta, **kw)
+
+
+def _where(prov: Mapping[str, str], path: str) -> str:
+    probe = path
+    while probe:
+        if probe in prov and prov[probe]:
+            return prov[probe]
+        probe = probe.rpartition(".")[0]
+    return "config"
+
+
+def _type_ok(value: Any, ann: Any) -> bool:
+    if ann is Any or ann is inspect.Parameter.empty:
+        return True
+    origin = typing.get_origin(ann)
+    args = typing.get_args(ann)
+    if origin is typing.Union:
+        return any(_type_ok(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if ann is type(None):
+        return value is None
+    if ann is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ann is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin in (list, tuple, Sequence, typing.Sequence) or ann in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(args) == len(value) and all(_type_ok(v, a) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return all(_type_ok(v, inner) for v in value)
+    if origin in (dict, Mapping, typing.Mapping) or ann in (dict,):
+        return isinstance(value, Mapping)
+    if isinstance(ann, type):
+        return isinstance(value, ann)
+    return True  # annotations we cannot check (forward refs, protocols)
+
+
+def _type_name(ann: Any) -> str:
+    return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+
+
+def _check_value(path: str, value: Any, ann: Any, prov, errors: List[str]) -> None:
+    if not _type_ok(value, ann):
+        errors.append(f"{_where(prov, path)}: {path}: expected {_type_name(ann)}, got "
+                      f"{type(value).__name__} {value!r}")
+
+
+def _validate_registry_section(path: str, section: Any, registry: Registry, prov, errors) -> None:
+    if not isinstance(section, Mapping):
+        errors.append(f"{_where(prov, path)}: {path}: expected a mapping with a 'type' key, got {section!r}")
+        return
+    kind = section.get("type")
+    if kind is None:
+        errors.append(f"{_where(prov, path)}: {path}: missing 'type' (one of: {', '.join(registry.keys())})")
+        return
+    if kind not in registry:
+        errors.append(f"{_where(prov, path + '.type')}: {path}.type: unknown {registry.name} type "
+                      f"{kind!r}; registered: {', '.join(registry.keys())}")
+        return
+    target = registry.get(kind)
+    sig = inspect.signature(target)
+    try:
+        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
+    except Exception:
+        hints = {}
+    params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    injected = set(getattr(target, "injected_args", ()))  # filled in by the caller, not by config
+    for key, value in section.items():
+        if key == "type":
+            continue
+        sub = f"{path}.{key}"
+        if key not in params:
+            if not takes_any:
+                accepted = ", ".join(n for n in params if n not in injected)
+                errors.append(f"{_where(prov, sub)}: {sub}: unknown key for {registry.name} "
+                              f"{kind!r} (accepted: {accepted})")
+            continue
+        _check_value(sub, value, hints.get(key, params[key].annotation), prov, errors)
+    for name, p in params.items():
+        if p.default is p.empty and name not in section and name not in injected:
+            errors.append(f"{_where(prov, path)}: {path}.{name}: required by {registry.name} {kind!r} but not set")
+
+
+def _validate_dataclass(path: str, data: Any, schema: type, prov, errors) -> dict:
+    if not isinstance(data, Mapping):
+        errors.append(f"{_where(prov, path)}: {path or '<root>'}: expected a mapping, got {data!r}")
+        return {}
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    hints = typing.get_type_hints(schema)
+    out = {}
+    for key in data:
+        if key not in fields:
+            sub = f"{path}.{key}" if path else key
+            errors.append(f"{_where(prov, sub)}: {sub}: unknown key (accepted: {', '.join(fields)})")
+    for name, f in fields.items():
+        sub = f"{path}.{name}" if path else name
+        if name in data:
+            value = data[name]
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            value = f.default_factory()  # type: ignore[misc]
+        else:
+            errors.append(f"{_where(prov, path)}: {sub}: required key not set")
+            continue
+        ann = hints.get(name, Any)
+        if "registry" in f.metadata:
+            if value is not None:
+                _validate_registry_section(sub, value, f.metadata["registry"], prov, errors)
+        elif dataclasses.is_dataclass(ann):
+            value = _validate_dataclass(sub, value, ann, prov, errors)
+        else:
+            _check_value(sub, value, ann, prov, errors)
+        out[name] = value
+    return out
+
+
+def validate(tree: Mapping, schema: type, prov: Optional[Mapping[str, str]] = None) -> dict:
+    """Check ``tree`` against a dataclass ``schema``; fill defaults; raise one ConfigError
+    listing every problem."""
+    errors: List[str] = []
+    out = _validate_dataclass("", tree, schema, prov or {}, errors)
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    return out

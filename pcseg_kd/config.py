@@ -208,6 +208,32 @@ def _check_value(path: str, value: Any, ann: Any, prov, errors: List[str]) -> No
                       f"{type(value).__name__} {value!r}")
 
 
+def accepted_params(target: Any):
+    """Keyword parameters a registered callable accepts: for a class whose ``__init__``
+    forwards ``**kwargs`` to its base, the base's parameters too (walking the MRO)."""
+    params: Dict[str, inspect.Parameter] = {}
+    hints: Dict[str, Any] = {}
+    chain = [c for c in target.__mro__ if "__init__" in vars(c)] if inspect.isclass(target) else [target]
+    takes_any = False
+    for obj in chain:
+        fn = obj.__init__ if inspect.isclass(obj) else obj
+        if fn is object.__init__:
+            break
+        sig = inspect.signature(fn)
+        try:
+            hints = {**typing.get_type_hints(fn), **hints}
+        except Exception:
+            pass
+        for n, p in sig.parameters.items():
+            if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+                params.setdefault(n, p)
+        if not any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+            break
+    else:
+        takes_any = True
+    return params, hints, takes_any
+
+
 def _validate_registry_section(path: str, section: Any, registry: Registry, prov, errors) -> None:
     if not isinstance(section, Mapping):
         errors.append(f"{_where(prov, path)}: {path}: expected a mapping with a 'type' key, got {section!r}")
@@ -221,13 +247,7 @@ def _validate_registry_section(path: str, section: Any, registry: Registry, prov
                       f"{kind!r}; registered: {', '.join(registry.keys())}")
         return
     target = registry.get(kind)
-    sig = inspect.signature(target)
-    try:
-        hints = typing.get_type_hints(target.__init__ if inspect.isclass(target) else target)
-    except Exception:
-        hints = {}
-    params = {n: p for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
-    takes_any = any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values())
+    params, hints, takes_any = accepted_params(target)
     injected = set(getattr(target, "injected_args", ()))  # filled in by the caller, not by config
     for key, value in section.items():
         if key == "type":

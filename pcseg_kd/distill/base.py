@@ -1,0 +1,80 @@
+"""The distiller contract every task uses (Gaussian, sklearn, MNIST, SemanticKITTI).
+
+A distiller maps the student's and the (frozen) teacher's outputs to a dict of loss
+terms. Inputs are ``[..., N, C]`` logits and ``[..., N]`` targets; leading dims are
+independent problems (seeds trained side by side), so every term is reduced over the
+rows only and keeps the leading dims. The engine sums the terms.
+
+Feature distillers receive the penultimate features as ``student_feats`` /
+``teacher_feats`` (``[..., N, D]``) and sample indices as ``index``; trainable parts
+(regressors, embeddings) are created in :meth:`build_modules` and are trained with the
+student, because they are parameters of the distiller module.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..registry import DISTILLERS
+from .reduce import row_mean
+
+
+def ce_rows(logits: Tensor, target: Tensor, ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
+    """Per-row cross entropy (float32 math) and the valid-row mask."""
+    valid = torch.ones_like(target, dtype=torch.bool) if ignore_index is None else target != ignore_index
+    safe_target = target.masked_fill(~valid, 0) if ignore_index is not None else target
+    logp = F.log_softmax(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1)
+    nll = -logp.gather(-1, safe_target.unsqueeze(-1)).squeeze(-1)
+    return nll * valid, valid
+
+
+def warmup_factor(epoch: int, warmup_epochs: int) -> float:
+    """DKD warm-up: min(epoch / warmup, 1), epochs counted from 1 (a Python number: no sync)."""
+    if warmup_epochs <= 0:
+        return 1.0
+    return min(max(epoch, 0) / warmup_epochs, 1.0)
+
+
+class Distiller(nn.Module):
+    """Base: ``ce_weight * CE + kd_weight * warmup * kd_term``.
+
+    ``ignore_index``: target value of rows that get no loss and are not counted.
+    """
+
+    def __init__(self, ce_weight: float = 1.0, kd_weight: float = 1.0, warmup_epochs: int = 0,
+                 ignore_index: Optional[int] = None):
+        super().__init__()
+        self.ce_weight = ce_weight
+        self.kd_weight = kd_weight
+        self.warmup_epochs = warmup_epochs
+        self.ignore_index = ignore_index
+
+    # Feature distillers override this to create their trainable parts.
+    def build_modules(self, student_dim: int, teacher_dim: int, num_models: int = 1,
+                      num_samples: int = 0, num_classes: int = 0) -> None:
+        return None
+
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                valid: Tensor, **extras: Any) -> Tensor:
+        raise NotImplementedError
+
+    def forward(self, student_logits: Tensor, teacher_logits: Optional[Tensor], target: Tensor,
+                epoch: int = 1, **extras: Any) -> Dict[str, Tensor]:
+        ce, valid = ce_rows(student_logits, target, self.ignore_index)
+        losses = {"loss_ce": self.ce_weight * row_mean(ce, valid)}
+        if self.kd_weight and teacher_logits is not None and type(self).kd_term is not Distiller.kd_term:
+            scale = self.kd_weight * warmup_factor(epoch, self.warmup_epochs)
+            losses["loss_kd"] = scale * self.kd_term(student_logits, teacher_logits.detach(), target,
+                                                     valid, **extras)
+        return losses
+
+
+@DISTILLERS.register_module("none")
+class NoKD(Distiller):
+    """The no-KD baseline: cross entropy only."""
+
+    def __init__(self, ce_weight: float = 1.0, ignore_index: Optional[int] = None):
+        super().__init__(ce_weight=ce_weight, kd_weight=0.0, ignore_index=ignore_index)

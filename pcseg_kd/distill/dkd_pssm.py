@@ -1,0 +1,45 @@
+"""DKD + PSSM (paper Eq. 9): each row's TCKD and NCKD weighted by Ω."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+from torch import Tensor
+
+from ..registry import DISTILLERS
+from .dkd import DKD, dkd_loss
+from .kd_pssm import pssm_row_count
+from .pssm import PSSMConfig, pssm_config, pssm_weights
+from .reduce import row_mean
+
+
+def pssm_dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
+                  beta: float = 8.0, temperature: float = 4.0, reduction: str = "none",
+                  ignore_index: Optional[int] = None, pssm: Optional[PSSMConfig] = None) -> Tensor:
+    """Ω-weighted DKD per row: the semantics the fused kernel implements."""
+    pssm = pssm or pssm_config("reference")
+    omega = pssm_weights(student_logits, teacher_logits, target, config=pssm, ignore_index=ignore_index)
+    return dkd_loss(student_logits, teacher_logits, target, alpha, beta, temperature,
+                    reduction=reduction, ignore_index=ignore_index, weight=omega)
+
+
+@DISTILLERS.register_module("dkd_pssm")
+class DKDPSSM(DKD):
+    def __init__(self, pssm: Optional[Dict[str, Any]] = None, normalize: str = "batch", **dkd: Any):
+        super().__init__(**dkd)
+        pssm = dict(pssm or {})
+        self.pssm = pssm_config(pssm.pop("preset", "reference"), **pssm)
+        if normalize not in ("batch", "kept"):
+            raise ValueError(f"dkd_pssm.normalize must be 'batch' or 'kept', got {normalize!r}")
+        self.normalize = normalize
+
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                valid: Tensor, **extras: Any) -> Tensor:
+        if self.normalize == "batch":
+            per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
+                                    self.temperature, "none", self.ignore_index, self.pssm)
+            return row_mean(per_row, valid)
+        omega = pssm_weights(student_logits, teacher_logits, target, config=self.pssm,
+                             ignore_index=self.ignore_index)
+        per_row = dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
+                           self.temperature, reduction="none", ignore_index=self.ignore_index, weight=omega)
+        return row_mean(per_row, valid, pssm_row_count(omega, valid, "kept"))

@@ -1,0 +1,1 @@
+"""Feature distillers of the paper's Appendix C (FitNet, RKD, PKT, SP, CRD)."""

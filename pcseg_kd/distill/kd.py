@@ -1,0 +1,60 @@
+"""KD (Hinton et al., 2015): KL(softmax(t/T) || softmax(s/T)) * T^2."""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..registry import DISTILLERS
+from .base import Distiller
+from .reduce import compute_dtype, reduce_rows, row_mean
+
+
+def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+            reduction: str = "batchmean", weight: Optional[Tensor] = None,
+            logit_scale: Optional[Tensor] = None, scale_by_t2: bool = True) -> Tensor:
+    """Per-row KL(σ(t/T) ‖ σ(s/T)), summed over classes.
+
+    ``reduction``: "none" -> shape ``[..., N]``; "sum"; "batchmean" -> sum / N (rows, not
+    rows x classes, the bug of ``kl_div(reduction="mean")``).
+    ``weight``: per-row loss weight (PSSM as a loss weight).
+    ``logit_scale``: per-row factor applied to *both* logits before the softmax (the
+    authors' KD+PSSM: a factor 0 makes both distributions uniform, so the row's KD term
+    vanishes).
+    ``scale_by_t2``: multiply by T^2 (Hinton); the authors' Gaussian protocol does not.
+    """
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"kd_loss: student logits {tuple(student_logits.shape)} and teacher "
+                         f"logits {tuple(teacher_logits.shape)} differ in shape")
+    dtype = compute_dtype(student_logits, teacher_logits)
+    s = student_logits.to(dtype) / temperature
+    t = teacher_logits.to(dtype) / temperature
+    if logit_scale is not None:
+        s = s * logit_scale.to(dtype).unsqueeze(-1)
+        t = t * logit_scale.to(dtype).unsqueeze(-1)
+    log_p_t = F.log_softmax(t, dim=-1)
+    log_p_s = F.log_softmax(s, dim=-1)
+    per_row = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    if scale_by_t2:
+        per_row = per_row * (temperature ** 2)
+    if weight is not None:
+        per_row = per_row * weight.to(dtype)
+    return reduce_rows(per_row, reduction)
+
+
+@DISTILLERS.register_module("kd")
+class KD(Distiller):
+    """CE + KD. Paper Eq. 4 with ce_weight = 1-λ, kd_weight = λ."""
+
+    def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True, **base: Any):
+        super().__init__(**base)
+        self.temperature = temperature
+        self.scale_by_t2 = scale_by_t2
+
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                valid: Tensor, **extras: Any) -> Tensor:
+        per_row = kd_loss(student_logits, teacher_logits, self.temperature, reduction="none",
+                          scale_by_t2=self.scale_by_t2)
+        return row_mean(per_row, valid)

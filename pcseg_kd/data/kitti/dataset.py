@@ -1,0 +1,170 @@
+"""The SemanticKITTI dataset: one frame -> points, labels, image, pixel correspondences, voxels.
+
+Reads the official layout (``sequences/XX/{velodyne,labels,image_2,calib.txt}``); the
+synthetic generator writes the same layout, so both go through this class unchanged.
+"""
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ...registry import DATASETS
+from .augment import IMAGENET_MEAN, IMAGENET_STD, ImageAugmentor, PointAugmentor
+from .calib import lidar_to_image_matrix, read_calib
+from .errors import BadFrameLog, KittiDataError
+from .frames import Frame, list_frames
+from .frames import split_sequences as sequences_of_split
+from .labels import DEFAULT_IGNORE_INDEX, LabelMap
+from .projection import project_to_image
+from .reader import read_image, read_label, read_scan
+from .voxelize import voxelize
+
+DEFAULT_VOXEL_SIZE = [0.05, 0.05, 0.05]
+DEFAULT_POINT_RANGE = [-51.2, -51.2, -4.0, 51.2, 51.2, 2.4]
+
+
+@DATASETS.register_module("semantickitti")
+class SemanticKITTIDataset(Dataset):
+    """SemanticKITTI (or a synthetic dataset in its layout).
+
+    Args:
+        root: folder holding ``sequences/``.
+        split: ``train`` | ``val`` | ``test`` | ``trainval``; picks sequences from
+            ``split_sequences`` (defaults: train 00-07, 09-10; val 08; test 11-21).
+        sequences: explicit sequence list, overriding ``split``'s.
+        load_labels: default: every split but ``test`` (which has no labels).
+        load_image: read image_2 and calib.txt and compute the pixel correspondences.
+        augment: default: ``split == "train"``.
+        image_crop_hw: fixed (H, W) training crop; ``image_crop_mode`` ``bottom``/``random``.
+        color_jitter: (brightness, contrast, saturation) strengths.
+        voxel_size, point_range: the voxel grid (x, y, z) and [xmin, ymin, zmin, xmax, ymax, zmax].
+        out_of_range: ``clip`` keeps every point in a border voxel; ``drop`` drops it.
+        unknown_labels: ``error`` | ``ignore`` for raw ids absent from the label map.
+        skip_bad_frames: warn, count (``bad_frames``) and return the next good frame
+            instead of raising :class:`KittiDataError`.
+        require_in_view: with ``load_image``, a scan with no point in the image is bad.
+    """
+
+    def __init__(self, root: str, split: str = "train", sequences: Optional[List[str]] = None,
+                 split_sequences: Optional[Dict[str, Any]] = None, label_map_file: Optional[str] = None,
+                 ignore_index: int = DEFAULT_IGNORE_INDEX, unknown_labels: str = "error",
+                 load_labels: Optional[bool] = None, load_image: bool = True, camera: str = "P2",
+                 require_in_view: bool = True, augment: Optional[bool] = None,
+                 image_crop_hw: Optional[List[int]] = None, image_crop_mode: str = "bottom",
+                 image_flip_prob: float = 0.5, color_jitter: Optional[List[float]] = None,
+                 image_mean: Optional[List[float]] = None, image_std: Optional[List[float]] = None,
+                 rotate_z: float = float(np.pi), flip_x_prob: float = 0.5, flip_y_prob: float = 0.5,
+                 scale_range: Optional[List[float]] = None, jitter_std: float = 0.0,
+                 jitter_clip: float = 0.05, voxel_size: Optional[List[float]] = None,
+                 point_range: Optional[List[float]] = None, out_of_range: str = "clip",
+                 skip_bad_frames: bool = False, max_frames: Optional[int] = None,
+                 frame_stride: int = 1, seed: int = 0):
+        self.root = Path(root)
+        if not (self.root / "sequences").is_dir():
+            raise KittiDataError(self.root / "sequences", "dataset root has no sequences/ folder")
+        self.split = split
+        self.sequences = [str(s) for s in sequences] if sequences else sequences_of_split(split, split_sequences)
+        frames = list_frames(self.root, self.sequences)[::max(1, frame_stride)]
+        self.frames: List[Frame] = frames[:max_frames] if max_frames else frames
+        self.label_map = LabelMap(label_map_file, ignore_index)
+        self.ignore_index = self.label_map.ignore_index
+        self.num_classes = self.label_map.num_classes
+        self.class_names = self.label_map.class_names
+        if unknown_labels not in ("error", "ignore"):
+            raise ValueError(f"unknown_labels must be 'error' or 'ignore', got {unknown_labels!r}")
+        self.unknown_labels = unknown_labels
+        self.load_labels = (split != "test") if load_labels is None else load_labels
+        self.load_image = load_image
+        self.camera = camera
+        self.require_in_view = require_in_view
+        train = (split == "train") if augment is None else augment
+        self.augment = train
+        jitter = list(color_jitter) if color_jitter is not None else [0.4, 0.4, 0.4]
+        self.image_aug = ImageAugmentor(
+            crop_hw=image_crop_hw if image_crop_hw is not None else [320, 480], crop_mode=image_crop_mode,
+            flip_prob=image_flip_prob, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2],
+            mean=image_mean or IMAGENET_MEAN, std=image_std or IMAGENET_STD, train=train)
+        self.point_aug = PointAugmentor(rotate_z=rotate_z, flip_x_prob=flip_x_prob, flip_y_prob=flip_y_prob,
+                                        scale_range=scale_range or [0.95, 1.05], jitter_std=jitter_std,
+                                        jitter_clip=jitter_clip) if train else None
+        self.voxel_size = list(voxel_size or DEFAULT_VOXEL_SIZE)
+        self.point_range = list(point_range or DEFAULT_POINT_RANGE)
+        self.out_of_range = out_of_range
+        self.skip_bad_frames = skip_bad_frames
+        self.bad_frames = BadFrameLog()
+        self.seed = seed
+        self.epoch = 0
+        self._calib_cache: Dict[Path, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Augmentations are drawn from (seed, epoch, index): call once per epoch."""
+        self.epoch = int(epoch)
+
+    # -- loading ---------------------------------------------------------------------------
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        for attempt in range(len(self.frames)):
+            i = (index + attempt) % len(self.frames)
+            try:
+                return self.load(i)
+            except KittiDataError as err:
+                if not self.skip_bad_frames:
+                    raise
+                self.bad_frames.add(self.frames[i].frame_id, err)
+                warnings.warn(f"skipping bad frame {self.frames[i].frame_id} "
+                              f"({self.bad_frames.count} skipped so far): {err}", stacklevel=2)
+        raise RuntimeError(f"every frame of {self.root} ({len(self.frames)}) is bad: {self.bad_frames}")
+
+    def lidar_to_image(self, frame: Frame) -> np.ndarray:
+        if frame.calib not in self._calib_cache:
+            calib = read_calib(frame.calib)
+            if self.camera not in calib:
+                raise KittiDataError(frame.calib, f"no {self.camera} matrix")
+            self._calib_cache[frame.calib] = lidar_to_image_matrix(calib, self.camera)
+        return self._calib_cache[frame.calib]
+
+    def load(self, index: int) -> Dict[str, Any]:
+        """Load, project, augment and voxelize frame ``index`` (raises KittiDataError)."""
+        frame = self.frames[index]
+        rng = np.random.default_rng((self.seed, self.epoch, index))
+        scan = read_scan(frame.scan)
+        n = len(scan)
+        if self.load_labels:
+            sem, _ = read_label(frame.label, n)
+            labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
+        else:
+            labels = np.full(n, self.ignore_index, dtype=np.int64)
+        sample: Dict[str, Any] = {"frame_id": frame.frame_id, "has_labels": self.load_labels}
+
+        if self.load_image:
+            proj_matrix = self.lidar_to_image(frame)
+            image = read_image(frame.image)
+            proj = project_to_image(scan[:, :3], proj_matrix, image.shape[:2])
+            in_view = np.flatnonzero(proj.in_view)
+            if in_view.size == 0 and self.require_in_view:
+                raise KittiDataError(frame.scan, f"no point in the camera's view ({frame.image.name}, "
+                                                 f"{image.shape[1]}x{image.shape[0]}, calib {frame.calib})")
+            aug = self.image_aug(image, proj.pixel_indices(), rng)
+            sample["image"] = torch.from_numpy(aug.image)
+            sample["image_hw"] = (min(image.shape[0], aug.image.shape[1]), min(image.shape[1], aug.image.shape[2]))
+            sample["img_point_idx"] = torch.from_numpy(in_view[aug.keep])
+            sample["img_pixel_vu"] = torch.from_numpy(aug.pixel_vu)
+
+        xyz = scan[:, :3]
+        if self.point_aug is not None:
+            xyz, _ = self.point_aug(xyz, rng)
+        points = np.concatenate([xyz, scan[:, 3:4]], axis=1).astype(np.float32, copy=False)
+        points_t = torch.from_numpy(points)
+        vox = voxelize(points_t, self.voxel_size, self.point_range, out_of_range=self.out_of_range)
+        sample.update(points=points_t, labels=torch.from_numpy(labels), voxel_features=vox.features,
+                      voxel_coords=vox.coords, voxel_num_points=vox.num_points,
+                      point2voxel=vox.point2voxel, spatial_shape=vox.spatial_shape)
+        return sample
+

@@ -157,6 +157,8 @@ def registry_field(registry: Registry, default: Any = dataclasses.MISSING, **kw)
     meta = {"registry": registry}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta, **kw)
+    if default is None:
+        return dataclasses.field(default=None, metadata=meta, **kw)
     return dataclasses.field(default_factory=lambda: dict(default), metadata=meta, **kw)
 
 

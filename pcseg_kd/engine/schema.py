@@ -1,0 +1,47 @@
+"""Config schema of the small-task experiments (``configs/gauss``, ``configs/sklearn``, ...)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from ..config import registry_field
+from ..registry import DISTILLERS, MODELS, TASKS
+
+
+@dataclass
+class OptimConfig:
+    optimizer: str = "sgd"        # "sgd" | "adam"
+    lr: float = 0.1
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    epochs: int = 1000
+    batch_size: Optional[int] = None  # None: full batch (the authors' Gaussian and sklearn code)
+
+
+@dataclass
+class SeedConfig:
+    start: int = 0
+    num: int = 10
+
+
+@dataclass
+class SweepConfig:
+    shift_key: str = "task.overlap"      # dotted key varied along the table's columns
+    shift_values: List[Any] = field(default_factory=list)
+    methods: Dict[str, str] = field(default_factory=dict)  # table label -> method config (relative path)
+    paper: Dict[str, Any] = field(default_factory=dict)    # the paper's numbers, for the side-by-side table
+
+
+@dataclass(kw_only=True)
+class ToyExperimentConfig:
+    name: str = ""
+    task: Dict[str, Any] = registry_field(TASKS)
+    model: Dict[str, Any] = registry_field(MODELS)                   # student and baseline
+    teacher_model: Optional[Dict[str, Any]] = registry_field(MODELS, default=None)  # None: same as model
+    distiller: Dict[str, Any] = registry_field(DISTILLERS)
+    teacher: OptimConfig = field(default_factory=OptimConfig)        # teacher training
+    student: OptimConfig = field(default_factory=OptimConfig)        # student and baseline training
+    seeds: SeedConfig = field(default_factory=SeedConfig)
+    device: str = "cpu"
+    threads: int = 0                                                 # torch intra-op threads; 0 = torch default
+    sweep: Optional[SweepConfig] = None

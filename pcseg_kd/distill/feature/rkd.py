@@ -1,0 +1,101 @@
+"""RKD (Park et al., 2019): match the student's pairwise distances (normalised by their
+mean) and triplet angles to the teacher's, with smooth-L1 (mdistiller: distance weight
+25, angle weight 50, kd_weight 1).
+
+mdistiller divides by the mean of the positive distances, which is NaN for a batch of
+one sample (no pairs); here an empty mean is 0, so such a batch gives a loss of 0.
+Zero-length difference vectors (i == j, or duplicate samples) are normalised to 0 with
+a finite gradient.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ...registry import DISTILLERS
+from ..base import Distiller
+from .common import compute_dtype, require_feature, row_weights
+
+
+def _pair_masks(weights: Tensor) -> Tuple[Tensor, Tensor]:
+    """Pair weights ``[..., N, N]`` of valid rows, with and without the diagonal."""
+    pairs = weights.unsqueeze(-1) * weights.unsqueeze(-2)
+    eye = torch.eye(weights.shape[-1], dtype=torch.bool, device=weights.device)
+    return pairs, pairs.masked_fill(eye, 0.0)
+
+
+def pairwise_distances(f: Tensor, eps: float = 1e-12, squared: bool = False) -> Tensor:
+    """``[..., N, N]`` Euclidean distances (mdistiller's ``_pdist``: squared norms clamped at
+    ``eps`` before the square root; the diagonal is exactly 0)."""
+    sq = f.pow(2).sum(-1)
+    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * f @ f.transpose(-1, -2)).clamp_min(eps)
+    d = d2 if squared else d2.sqrt()
+    eye = torch.eye(f.shape[-2], dtype=torch.bool, device=f.device)
+    return d.masked_fill(eye, 0.0)
+
+
+def _normalised_distances(f: Tensor, offdiag: Tensor, eps: float, squared: bool) -> Tensor:
+    d = pairwise_distances(f, eps, squared) * offdiag
+    mean = d.sum((-1, -2)) / offdiag.sum((-1, -2)).clamp_min(1.0)
+    return d / mean.clamp_min(eps).unsqueeze(-1).unsqueeze(-1)
+
+
+def triplet_angles(f: Tensor, eps: float = 1e-12) -> Tensor:
+    """``[..., N, N, N]``: entry (i, j, k) = cos of the angle at anchor i between
+    f_j - f_i and f_k - f_i (0 when either difference is the zero vector i == j or i == k)."""
+    diff = f.unsqueeze(-3) - f.unsqueeze(-2)  # [..., i, j, D] = f_j - f_i
+    norm = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
+    eye = torch.eye(f.shape[-2], dtype=torch.bool, device=f.device).unsqueeze(-1)
+    # where(i == j) uses a norm of 1 so that 0/0 never enters the graph
+    unit = diff / torch.where(eye, torch.ones_like(norm), norm.clamp_min(eps))
+    return unit @ unit.transpose(-1, -2)
+
+
+def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0,
+             valid: Optional[Tensor] = None, squared: bool = False, eps: float = 1e-12) -> Tensor:
+    """distance_weight · smoothL1(ψ_D(s), ψ_D(t)) + angle_weight · smoothL1(ψ_A(s), ψ_A(t)).
+
+    ``f_s`` ``[..., N, D_s]`` and ``f_t`` ``[..., N, D_t]`` may differ in width (only relations
+    are compared). smooth-L1 (β = 1) is averaged over all N² pairs / N³ triplets of valid
+    rows (mdistiller's "mean"), keeping leading dims. The teacher side carries no gradient.
+    """
+    if f_s.shape[:-1] != f_t.shape[:-1]:
+        raise ValueError(f"rkd_loss: student features {tuple(f_s.shape)} and teacher features "
+                         f"{tuple(f_t.shape)} differ in rows/leading dims")
+    dtype = compute_dtype(f_s, f_t)
+    f_s, f_t = f_s.to(dtype), f_t.to(dtype).detach()
+    w = row_weights(valid, f_s[..., 0])
+    pairs, offdiag = _pair_masks(w)
+    loss = f_s.new_zeros(f_s.shape[:-2])
+    if distance_weight:
+        d_s = _normalised_distances(f_s, offdiag, eps, squared)
+        d_t = _normalised_distances(f_t, offdiag, eps, squared)
+        per_pair = F.smooth_l1_loss(d_s, d_t, reduction="none") * pairs
+        loss = loss + distance_weight * per_pair.sum((-1, -2)) / pairs.sum((-1, -2)).clamp_min(1.0)
+    if angle_weight:
+        triples = pairs.unsqueeze(-1) * w.unsqueeze(-2).unsqueeze(-2)
+        per_triple = F.smooth_l1_loss(triplet_angles(f_s, eps), triplet_angles(f_t, eps), reduction="none")
+        per_triple = per_triple * triples
+        loss = loss + angle_weight * per_triple.sum((-1, -2, -3)) / triples.sum((-1, -2, -3)).clamp_min(1.0)
+    return loss
+
+
+@DISTILLERS.register_module("rkd")
+class RKD(Distiller):
+    """CE + ``kd_weight`` · RKD(student_feats, teacher_feats). The angle term costs N³ memory
+    per model: keep batches moderate (N = 128 → 2M entries)."""
+
+    def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False,
+                 eps: float = 1e-12, **base: Any):
+        super().__init__(**base)
+        self.distance_weight, self.angle_weight = distance_weight, angle_weight
+        self.squared, self.eps = squared, eps
+
+    def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                valid: Tensor, **extras: Any) -> Tensor:
+        f_s = require_feature(extras, "student_feats", "rkd")
+        f_t = require_feature(extras, "teacher_feats", "rkd")
+        return rkd_loss(f_s, f_t, self.distance_weight, self.angle_weight, valid, self.squared, self.eps)

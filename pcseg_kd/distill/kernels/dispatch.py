@@ -1,0 +1,272 @@
+"""Backend selection for the per-row distillation losses (DKD, KD, with or without PSSM).
+
+One entry point, :func:`distill_loss`, with the semantics of the PyTorch reference
+(``dkd_loss``, ``pssm_weights``, ``kd_loss``) and three implementations:
+
+``torch``    the reference PyTorch code (eager), any device and dtype;
+``compile``  the same code under ``torch.compile`` with the row dimension marked dynamic
+             (one graph for every N);
+``triton``   the fused Triton kernel (:mod:`.pssm_dkd_triton`): CUDA tensors, or CPU tensors
+             under ``TRITON_INTERPRET=1`` (for tests).
+
+Choice, first match wins: the ``backend=`` argument, :func:`set_loss_backend` /
+:func:`loss_backend` (what a config's ``loss_backend`` key sets), the environment
+variable ``PCSEG_KD_LOSS_BACKEND``, else ``auto``. ``auto`` picks ``triton`` for CUDA
+tensors when Triton imports, ``torch`` otherwise.
+
+When ``triton`` is chosen (or forced) but a case is outside the kernel, the call runs the
+torch path with identical results: float64 inputs, C > 1024, a teacher that requires grad.
+PSSM with ``detach=False`` runs Ω in torch (so its gradient flows) and the DKD/KD part in
+the kernel, Ω passed as a weight whose gradient the kernel provides. Forcing ``triton``
+where it cannot run at all (Triton missing, CPU tensors without ``TRITON_INTERPRET=1``)
+raises.
+
+Nothing here synchronises with the device: choices depend on dtypes, devices, shapes and
+``requires_grad`` only, never on tensor values.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+from . import pssm_dkd_triton as tk
+
+ENV_VAR = "PCSEG_KD_LOSS_BACKEND"
+BACKENDS = ("auto", "torch", "compile", "triton")
+KINDS = ("dkd", "kd")
+_override: Optional[str] = None
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"loss backend must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+def set_loss_backend(name: Optional[str]) -> None:
+    """Process-wide choice (``None`` returns to the env var / ``auto``)."""
+    global _override
+    _override = None if name is None else _check_name(name)
+
+
+@contextlib.contextmanager
+def loss_backend(name: Optional[str]) -> Iterator[None]:
+    """``with loss_backend("torch"): ...`` -- scoped :func:`set_loss_backend`."""
+    global _override
+    old = _override
+    set_loss_backend(name)
+    try:
+        yield
+    finally:
+        _override = old
+
+
+def requested_backend(backend: Optional[str] = None) -> str:
+    if backend is not None:
+        return _check_name(backend)
+    if _override is not None:
+        return _override
+    return _check_name(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto")
+
+
+def triton_can_run(device: torch.device) -> bool:
+    if not tk.HAVE_TRITON:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and tk.interpreting()
+
+
+def _kernel_covers(s: Tensor, t: Tensor, weight: Optional[Tensor]) -> bool:
+    ok_dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    return (s.dtype in ok_dtypes and t.dtype in ok_dtypes and s.shape[-1] <= tk.MAX_CLASSES
+            and not t.requires_grad and (weight is None or weight.dtype != torch.float64))
+
+
+def select_backend(s: Tensor, t: Tensor, weight: Optional[Tensor] = None,
+                   backend: Optional[str] = None) -> str:
+    """The implementation a call with these inputs runs: 'torch', 'compile' or 'triton'."""
+    name = requested_backend(backend)
+    if name == "auto":
+        name = "triton" if (s.device.type == "cuda" and triton_can_run(s.device)) else "torch"
+        if name == "triton" and not _kernel_covers(s, t, weight):
+            name = "torch"
+        return name
+    if name == "triton":
+        if not triton_can_run(s.device):
+            why = ("triton is not installed" if not tk.HAVE_TRITON else
+                   f"tensors are on {s.device.type}; Triton runs CUDA tensors, or CPU tensors "
+                   "only under TRITON_INTERPRET=1")
+            raise RuntimeError(f"loss backend 'triton' was forced but cannot run: {why}")
+        if not _kernel_covers(s, t, weight):
+            return "torch"
+    return name
+
+
+# ----------------------------------------------------------------------------- torch path
+def _valid(target: Tensor, ignore_index: Optional[int]) -> Optional[Tensor]:
+    return None if ignore_index is None else target != ignore_index
+
+
+def torch_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,
+                       temperature: float, reduction: str, ignore_index: Optional[int],
+                       weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool) -> Tensor:
+    """The reference composition (pssm_weights, then dkd_loss / kd_loss) in PyTorch."""
+    from ..dkd import dkd_loss_torch
+    from ..kd import kd_loss
+    from ..pssm import pssm_weights
+    from ..reduce import reduce_rows
+
+    omega = None
+    if pssm is not None:
+        omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
+    if kind == "dkd":
+        w = omega if weight is None else (weight if omega is None else omega * weight.to(omega.dtype))
+        return dkd_loss_torch(s, t, y, alpha, beta, temperature, reduction, ignore_index, w)
+    valid = _valid(y, ignore_index)
+    kw = {}
+    w = weight
+    if omega is not None:
+        if kd_apply == "logit_scale":
+            kw["logit_scale"] = omega
+        else:
+            w = omega if w is None else omega * w.to(omega.dtype)
+    if valid is not None:
+        w = valid.to(s.dtype if s.dtype == torch.float64 else torch.float32) if w is None else w * valid
+    per_row = kd_loss(s, t, temperature, reduction="none", weight=w, scale_by_t2=scale_by_t2, **kw)
+    if valid is not None:
+        per_row = torch.where(valid, per_row, torch.zeros((), dtype=per_row.dtype, device=per_row.device))
+    return reduce_rows(per_row, reduction, valid)
+
+
+_compiled = None
+
+
+def _compiled_fn():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(torch_distill_loss, dynamic=None)
+    return _compiled
+
+
+def compiled_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,
+                          temperature: float, reduction: str, ignore_index: Optional[int],
+                          weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool) -> Tensor:
+    """:func:`torch_distill_loss` under ``torch.compile``; rows flattened and marked dynamic so
+    that a new N does not recompile."""
+    lead = s.shape[:-1]
+    s2, t2, y2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1)
+    w2 = None if weight is None else weight.reshape(-1)
+    for x in (s2, t2, y2, w2):
+        if x is not None:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+    out = _compiled_fn()(kind, s2, t2, y2, alpha, beta, temperature, reduction, ignore_index, w2,
+                         pssm, kd_apply, scale_by_t2)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+# ----------------------------------------------------------------------------- triton path
+def _params(kind: str, alpha: float, beta: float, temperature: float, ignore_index: Optional[int],
+            pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False) -> "tk.FusedParams":
+    mode = tk.MODE_OMEGA if omega_only else (tk.MODE_DKD if kind == "dkd" else tk.MODE_KD)
+    loss_scale = temperature ** 2 if (kind == "dkd" or scale_by_t2) else 1.0
+    kw = {}
+    if pssm is not None:
+        kw = dict(pssm=True, space_probs=pssm.space == "probs", pssm_temperature=pssm.temperature,
+                  gate=tk.GATES[pssm.gate], tau=pssm.tau, tau_on_d=pssm.tau_scale == "d",
+                  below=pssm.below, above_d=pssm.above == "d",
+                  kd_logit_scale=(kind == "kd" and kd_apply == "logit_scale"))
+    return tk.FusedParams(mode=mode, alpha=alpha, beta=beta, temperature=temperature,
+                          loss_scale=loss_scale, ignore_index=ignore_index, **kw)
+
+
+def _check(kind: str, s: Tensor, t: Tensor, y: Tensor) -> None:
+    name = f"{kind}_loss"
+    if s.shape != t.shape:
+        raise ValueError(f"{name}: student logits {tuple(s.shape)} and teacher logits "
+                         f"{tuple(t.shape)} differ in shape")
+    if y.shape != s.shape[:-1]:
+        raise ValueError(f"{name}: target shape {tuple(y.shape)} does not match logits "
+                         f"{tuple(s.shape)} (expected {tuple(s.shape[:-1])})")
+    if s.shape[-1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes, got {s.shape[-1]}")
+
+
+def triton_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,
+                        temperature: float, reduction: str, ignore_index: Optional[int],
+                        weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool,
+                        block_rows: Optional[int] = None) -> Tensor:
+    _check(kind, s, t, y)
+    if pssm is not None and not pssm.detach:
+        # Ω needs its gradient: compute it in torch, let the kernel treat it as a weight.
+        from ..pssm import pssm_weights
+        omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
+        if kind == "kd" and kd_apply == "logit_scale":
+            # the gradient of a logit scale is not in the kernel
+            return torch_distill_loss(kind, s, t, y, alpha, beta, temperature, reduction,
+                                      ignore_index, weight, pssm, kd_apply, scale_by_t2)
+        weight = omega if weight is None else omega * weight.to(omega.dtype)
+        pssm = None
+    C = s.shape[-1]
+    lead = s.shape[:-1]
+    p = _params(kind, alpha, beta, temperature, ignore_index, pssm, kd_apply, scale_by_t2)
+    w2 = None if weight is None else weight.reshape(-1)
+    out = tk.fused_loss_2d(s.reshape(-1, C), t.reshape(-1, C), y.reshape(-1), w2, p, reduction,
+                           block_rows)
+    return out.reshape(lead) if reduction == "none" else out
+
+
+# ----------------------------------------------------------------------------- public entry
+def distill_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                 alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                 reduction: str = "batchmean", ignore_index: Optional[int] = None,
+                 weight: Optional[Tensor] = None, pssm=None, kd_apply: str = "weight",
+                 scale_by_t2: bool = True, backend: Optional[str] = None) -> Tensor:
+    """Per-row ``weight·Ω·(α·TCKD + β·NCKD)·T²`` (``kind="dkd"``) or ``weight·Ω·KL·T²``
+    (``kind="kd"``; ``kd_apply="logit_scale"`` scales both logits by Ω instead), 0 on
+    ignored rows, reduced by "none" | "sum" | "batchmean" (mean over non-ignored rows).
+    ``pssm``: a :class:`~pcseg_kd.distill.pssm.PSSMConfig` or None (Ω = 1)."""
+    from ..reduce import check_reduction
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    if kd_apply not in ("weight", "logit_scale"):
+        raise ValueError(f"kd_apply must be 'weight' or 'logit_scale', got {kd_apply!r}")
+    check_reduction(reduction)
+    args = (alpha, beta, temperature, reduction, ignore_index)
+    name = select_backend(student_logits, teacher_logits, weight, backend)
+    if name == "triton":
+        return triton_distill_loss(kind, student_logits, teacher_logits, target, *args, weight,
+                                   pssm, kd_apply, scale_by_t2)
+    if name == "compile":
+        _check(kind, student_logits, teacher_logits, target)
+        return compiled_distill_loss(kind, student_logits, teacher_logits, target, *args, weight,
+                                     pssm, kd_apply, scale_by_t2)
+    return torch_distill_loss(kind, student_logits, teacher_logits, target, *args, weight, pssm,
+                              kd_apply, scale_by_t2)
+
+
+def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                 preset: str = "reference", ignore_index: Optional[int] = None,
+                 backend: Optional[str] = None, **overrides) -> Tensor:
+    """:func:`pcseg_kd.distill.pssm.pssm_weights` with backend dispatch: the kernel's Ω-only
+    mode (one read of both logits and the labels, one float32 write per row) when the
+    Triton backend is chosen and Ω needs no gradient."""
+    from ..pssm import pssm_config
+    from ..pssm import pssm_weights as torch_pssm_weights
+    cfg = overrides.pop("config", None) or pssm_config(preset, **overrides)
+    grad_needed = (not cfg.detach) and (student_logits.requires_grad or teacher_logits.requires_grad)
+    name = select_backend(student_logits, teacher_logits, None, backend)
+    if name != "triton" or grad_needed:
+        return torch_pssm_weights(student_logits, teacher_logits, target, config=cfg,
+                                  ignore_index=ignore_index)
+    _check("pssm", student_logits, teacher_logits, target)
+    C = student_logits.shape[-1]
+    p = _params("dkd", 1.0, 1.0, 1.0, ignore_index, cfg, "weight", True, omega_only=True)
+    om = tk.fused_omega_2d(student_logits.reshape(-1, C), teacher_logits.reshape(-1, C),
+                           target.reshape(-1), p)
+    dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
+    return om.reshape(student_logits.shape[:-1]).to(dtype)

@@ -66,12 +66,26 @@ def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, te
 
 def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
              beta: float = 8.0, temperature: float = 4.0, reduction: str = "batchmean",
-             ignore_index: Optional[int] = None, weight: Optional[Tensor] = None) -> Tensor:
+             ignore_index: Optional[int] = None, weight: Optional[Tensor] = None,
+             backend: Optional[str] = None) -> Tensor:
     """(α·TCKD + β·NCKD)·T² per row; ``weight`` is a per-row loss weight (e.g. PSSM's Ω).
 
     Rows whose target is ``ignore_index`` give 0 and are not counted by "batchmean".
     Half-precision inputs are computed in float32.
+
+    ``backend``: "auto" (default: the fused Triton kernel for CUDA tensors when Triton is
+    available, else PyTorch), "torch", "compile" or "triton"; also settable with
+    ``pcseg_kd.distill.kernels.set_loss_backend`` or ``PCSEG_KD_LOSS_BACKEND``.
     """
+    from .kernels.dispatch import distill_loss
+    return distill_loss("dkd", student_logits, teacher_logits, target, alpha, beta, temperature,
+                        reduction, ignore_index, weight, backend=backend)
+
+
+def dkd_loss_torch(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
+                   beta: float = 8.0, temperature: float = 4.0, reduction: str = "batchmean",
+                   ignore_index: Optional[int] = None, weight: Optional[Tensor] = None) -> Tensor:
+    """The PyTorch implementation of :func:`dkd_loss` (the reference semantics)."""
     check_reduction(reduction)
     tckd, nckd, valid = dkd_terms(student_logits, teacher_logits, target, temperature, ignore_index)
     per_row = (alpha * tckd + beta * nckd) * (temperature ** 2)
@@ -84,13 +98,16 @@ def dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alp
 class DKD(Distiller):
     """CE + DKD with warm-up (mdistiller CIFAR defaults α=1, β=8, T=4, warm-up 20)."""
 
-    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0, **base: Any):
+    def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
+                 loss_backend: Optional[str] = None, **base: Any):
         base.setdefault("warmup_epochs", 0)
         super().__init__(**base)
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
+        self.loss_backend = loss_backend  # None: PCSEG_KD_LOSS_BACKEND / auto
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
         per_row = dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
-                           self.temperature, reduction="none", ignore_index=self.ignore_index)
+                           self.temperature, reduction="none", ignore_index=self.ignore_index,
+                           backend=self.loss_backend)
         return row_mean(per_row, valid)

@@ -14,12 +14,16 @@ from .reduce import row_mean
 
 def pssm_dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
                   beta: float = 8.0, temperature: float = 4.0, reduction: str = "none",
-                  ignore_index: Optional[int] = None, pssm: Optional[PSSMConfig] = None) -> Tensor:
-    """Ω-weighted DKD per row: the semantics the fused kernel implements."""
+                  ignore_index: Optional[int] = None, pssm: Optional[PSSMConfig] = None,
+                  backend: Optional[str] = None) -> Tensor:
+    """Ω-weighted DKD per row: the semantics the fused kernel implements.
+
+    ``backend`` as in :func:`~pcseg_kd.distill.dkd.dkd_loss`; on the Triton backend Ω and
+    the loss come from one fused kernel (one read of both logits and the labels)."""
+    from .kernels.dispatch import distill_loss
     pssm = pssm or pssm_config("reference")
-    omega = pssm_weights(student_logits, teacher_logits, target, config=pssm, ignore_index=ignore_index)
-    return dkd_loss(student_logits, teacher_logits, target, alpha, beta, temperature,
-                    reduction=reduction, ignore_index=ignore_index, weight=omega)
+    return distill_loss("dkd", student_logits, teacher_logits, target, alpha, beta, temperature,
+                        reduction, ignore_index, None, pssm=pssm, backend=backend)
 
 
 @DISTILLERS.register_module("dkd_pssm")
@@ -36,10 +40,12 @@ class DKDPSSM(DKD):
                 valid: Tensor, **extras: Any) -> Tensor:
         if self.normalize == "batch":
             per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
-                                    self.temperature, "none", self.ignore_index, self.pssm)
+                                    self.temperature, "none", self.ignore_index, self.pssm,
+                                    backend=self.loss_backend)
             return row_mean(per_row, valid)
         omega = pssm_weights(student_logits, teacher_logits, target, config=self.pssm,
                              ignore_index=self.ignore_index)
         per_row = dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
-                           self.temperature, reduction="none", ignore_index=self.ignore_index, weight=omega)
+                           self.temperature, reduction="none", ignore_index=self.ignore_index, weight=omega,
+                           backend=self.loss_backend)
         return row_mean(per_row, valid, pssm_row_count(omega, valid, "kept"))

@@ -45,23 +45,33 @@ class ImageQuality:
 MEAN_SURFACE_COLOUR = np.mean([np.mean(m.palette, axis=0) for m in MATERIALS.values()], axis=0)
 
 
+def pixel_rays(lidar_to_cam0: np.ndarray, p2: np.ndarray, uv: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Camera centre and unit ray directions (velodyne frame) through image points ``uv`` (K, 2)."""
+    k_inv = np.linalg.inv(p2[:, :3])
+    centre_cam0 = -k_inv @ p2[:, 3]           # P2 = K [I | t], centre = -t
+    cam0_to_velo = np.linalg.inv(lidar_to_cam0)
+    pix = np.concatenate([np.asarray(uv, np.float64), np.ones((len(uv), 1))], axis=1)
+    d_velo = pix @ k_inv.T @ cam0_to_velo[:3, :3].T
+    d_velo /= np.linalg.norm(d_velo, axis=1, keepdims=True)
+    origin = cam0_to_velo[:3, :3] @ centre_cam0 + cam0_to_velo[:3, 3]
+    return origin, d_velo
+
+
 def camera_rays(lidar_to_cam0: np.ndarray, p2: np.ndarray, hw: Tuple[int, int], scale: float
                 ) -> Tuple[np.ndarray, np.ndarray, Tuple[int, int]]:
     """Origin and unit directions (velodyne frame) of pixel centres at ``scale`` x resolution."""
     h, w = int(round(hw[0] * scale)), int(round(hw[1] * scale))
-    k = p2[:, :3]
-    k_inv = np.linalg.inv(k)
-    centre_cam0 = -k_inv @ p2[:, 3]           # P2 = K [I | t], centre = -t
-    cam0_to_velo = np.linalg.inv(lidar_to_cam0)
-    u = (np.arange(w) + 0.5) / scale          # low-res pixel centre in full-res pixel units
-    v = (np.arange(h) + 0.5) / scale
-    uu, vv = np.meshgrid(u, v)
-    pix = np.stack([uu.ravel(), vv.ravel(), np.ones(uu.size)], 1)
-    d_cam = pix @ k_inv.T
-    d_velo = d_cam @ cam0_to_velo[:3, :3].T
-    d_velo /= np.linalg.norm(d_velo, axis=1, keepdims=True)
-    origin = cam0_to_velo[:3, :3] @ centre_cam0 + cam0_to_velo[:3, 3]
-    return origin, d_velo, (h, w)
+    uu, vv = np.meshgrid((np.arange(w) + 0.5) / scale, (np.arange(h) + 0.5) / scale)  # full-res units
+    origin, dirs = pixel_rays(lidar_to_cam0, p2, np.stack([uu.ravel(), vv.ravel()], 1))
+    return origin, dirs, (h, w)
+
+
+def pixel_labels(scene: Scene, sensor_pose: np.ndarray, time: float, lidar_to_cam0: np.ndarray,
+                 p2: np.ndarray, uv: np.ndarray, max_range: float = 250.0) -> np.ndarray:
+    """Raw label of the surface the camera sees through each image point ``uv`` (0 for sky)."""
+    origin_v, dirs_v = pixel_rays(lidar_to_cam0, p2, uv)
+    rot, trans = sensor_pose[:3, :3], sensor_pose[:3, 3]
+    return cast(scene, rot @ origin_v + trans, dirs_v @ rot.T, time, max_range).label
 
 
 def _surface_colours(scene: Scene, hits, confusion: float) -> np.ndarray:

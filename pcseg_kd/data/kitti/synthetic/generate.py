@@ -81,6 +81,11 @@ class SyntheticSequence:
                            rng, self.cfg.quality, self.cfg.render_scale, texture_seed=self.cfg.seed)
         return SyntheticFrame(points, sem, inst, image, pose)
 
+    def frame_lidar_only(self, i: int):
+        """(points, semantic, instance) of frame ``i`` without rendering the image."""
+        rng = np.random.default_rng((self.cfg.seed, int(self.sequence), 1, i))
+        return scan(self.scene, self.velo_pose(i), i * FRAME_DT, rng, self.cfg.lidar)
+
     def camera_poses(self) -> np.ndarray:
         """poses.txt content: camera-0 pose of each frame in the first frame's camera-0 frame."""
         tr = to_homogeneous(self.calib["Tr"])

@@ -123,8 +123,12 @@ def test_skip_bad_frames_warns_and_counts(tmp_path):
             sem = np.full(2000, 999, np.uint32)
             write_frame(tmp_path, frame=f"{i:06d}", semantic=sem, seed=i)
     ds = dataset(tmp_path, skip_bad_frames=True)
-    with pytest.warns(UserWarning, match=r"skipping bad frame 00/000001 .*size 100 bytes"):
+    with pytest.warns(UserWarning) as caught:
         s = ds[1]
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 2
+    assert re.search(r"skipping bad frame 00/000001 \(1 skipped so far\): .*000001.bin: size 100 bytes", messages[0])
+    assert re.search(r"skipping bad frame 00/000002 \(2 skipped so far\): .*000002.label: unknown raw label", messages[1])
     assert s["frame_id"] == "00/000003"  # frames 1 and 2 are bad: the next good one
     assert ds.bad_frames.count == 2 and sum(ds.bad_frames.by_kind.values()) == 2
     with pytest.raises(KittiDataError):

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pcseg_kd.data.kitti import (LabelMap, lidar_to_image_matrix, project_to_image, read_calib, read_image,
+from pcseg_kd.data.kitti import (LabelMap, lidar_to_image_matrix, project_to_image, read_calib,
                                  read_label, read_poses, read_scan, velodyne_poses)
 from pcseg_kd.data.kitti.calib import to_homogeneous
 from pcseg_kd.data.kitti.synthetic import ImageQuality, LidarModel, SyntheticConfig, SyntheticSequence

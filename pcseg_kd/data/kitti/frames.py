@@ -12,7 +12,7 @@ DEFAULT_SPLITS: Dict[str, List[str]] = {
     "val": ["08"],
     "test": [f"{i:02d}" for i in range(11, 22)],
 }
-SPLIT_ALIASES = {"valid": "val", "validation": "val", "trainval": None}
+SPLIT_ALIASES = {"valid": "val", "validation": "val"}
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,13 @@ def normalise_sequence(seq) -> str:
 
 
 def split_sequences(split: str, overrides: Optional[Dict[str, Sequence]] = None) -> List[str]:
+    """Sequences of ``split`` (train | val | test | trainval), defaults overridden by ``overrides``."""
     splits = {k: [normalise_sequence(s) for s in v] for k, v in DEFAULT_SPLITS.items()}
     for k, v in (overrides or {}).items():
-        splits[SPLIT_ALIASES.get(k, k) or k] = [normalise_sequence(s) for s in v]
-    key = SPLIT_ALIASES.get(split, split)
+        splits[SPLIT_ALIASES.get(k, k)] = [normalise_sequence(s) for s in v]
     if split == "trainval":
         return splits["train"] + splits["val"]
+    key = SPLIT_ALIASES.get(split, split)
     if key not in splits:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(sorted(splits))}, trainval")
     return splits[key]

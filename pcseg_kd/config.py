@@ -290,6 +290,13 @@ def _validate_dataclass(path: str, data: Any, schema: type, prov, errors) -> dic
             errors.append(f"{_where(prov, path)}: {sub}: required key not set")
             continue
         ann = hints.get(name, Any)
+        if typing.get_origin(ann) is typing.Union:
+            inner = [a for a in typing.get_args(ann) if a is not type(None)]
+            if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+                if value is None:
+                    out[name] = None
+                    continue
+                ann = inner[0]
         if "registry" in f.metadata:
             if value is not None:
                 _validate_registry_section(sub, value, f.metadata["registry"], prov, errors)

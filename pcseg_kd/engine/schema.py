@@ -22,6 +22,13 @@ class OptimConfig:
 class SeedConfig:
     start: int = 0
     num: int = 10
+    values: Optional[List[int]] = None   # explicit seed list; overrides start/num
+
+
+def seed_list(seeds: Dict[str, Any]) -> List[int]:
+    if seeds.get("values"):
+        return [int(s) for s in seeds["values"]]
+    return list(range(seeds["start"], seeds["start"] + seeds["num"]))
 
 
 @dataclass

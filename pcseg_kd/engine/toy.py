@@ -25,7 +25,7 @@ from ..data.toy import ROLES, ToyTask
 from ..metrics.cmd import cmd
 from ..models.mlp import MLP, PlainMLP
 from ..registry import DISTILLERS, TASKS
-from .schema import OptimConfig
+from .schema import OptimConfig, seed_list
 
 
 # ----------------------------------------------------------------------------- building
@@ -229,7 +229,7 @@ def run_setting(cfg, progress: bool = False, shared: Optional[Dict[str, Any]] = 
     """
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))
-    seeds = list(range(cfg["seeds"]["start"], cfg["seeds"]["start"] + cfg["seeds"]["num"]))
+    seeds = seed_list(cfg["seeds"])
     task = build_task(cfg)
     device = torch.device(cfg.get("device", "cpu"))
     t0 = time.perf_counter()

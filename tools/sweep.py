@@ -1,0 +1,34 @@
+#!/usr/bin/env python
+"""Run a grid of shift level x method and write the paper-style tables and plot.
+
+    python tools/sweep.py configs/gauss/sweep_table8.yaml [key=value ...] [--work-dir DIR]
+
+Writes DIR/results.json, DIR/results.md (Markdown tables in the layout of the paper's
+Tables 2 and 8), DIR/accuracy_vs_cmd.png, and one file per finished cell in DIR/cells/
+(a killed sweep resumes from them; --force recomputes).
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pcseg_kd.config import ConfigError  # noqa: E402
+from pcseg_kd.engine.runner import default_work_dir, parse_args  # noqa: E402
+
+
+def main(argv=None):
+    args = parse_args("Run a sweep of shift level x method", argv)
+    from pcseg_kd.engine.sweep import run_sweep
+
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
+    try:
+        summary = run_sweep(args.config, args.overrides, work_dir, progress=not args.no_progress, force=args.force)
+    except (ConfigError, KeyError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    print((work_dir / "results.md").read_text())
+    print(f"wrote {work_dir / 'results.json'}, {work_dir / 'results.md'}, {work_dir / 'accuracy_vs_cmd.png'}")
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,23 +1,25 @@
 """Backend selection for the per-row distillation losses (DKD, KD, with or without PSSM).
 
 One entry point, :func:`distill_loss`, with the semantics of the PyTorch reference
-(``dkd_loss``, ``pssm_weights``, ``kd_loss``) and three implementations:
+(``dkd_loss_torch``, ``pssm_weights``, ``kd_loss``) and these implementations:
 
-``torch``    the reference PyTorch code (eager), any device and dtype;
-``compile``  the same code under ``torch.compile`` with the row dimension marked dynamic
-             (one graph for every N);
-``triton``   the fused Triton kernel (:mod:`.pssm_dkd_triton`): CUDA tensors, or CPU tensors
-             under ``TRITON_INTERPRET=1`` (for tests).
+``torch``      eager PyTorch, the fused op written with an analytic student gradient
+               (:mod:`.torch_fused`; CPU rows in cache-sized chunks), any device and dtype;
+``compile``    the same two functions under ``torch.compile``, row dimension marked dynamic
+               (one graph for every N);
+``triton``     the fused Triton kernel (:mod:`.pssm_dkd_triton`): CUDA tensors, or CPU
+               tensors under ``TRITON_INTERPRET=1`` (for tests);
+``reference``  the plain autograd composition of the lead's functions (the semantics;
+               slowest), also used whenever the teacher's logits require grad.
 
 Choice, first match wins: the ``backend=`` argument, :func:`set_loss_backend` /
-:func:`loss_backend` (what a config's ``loss_backend`` key sets), the environment
-variable ``PCSEG_KD_LOSS_BACKEND``, else ``auto``. ``auto`` picks ``triton`` for CUDA
-tensors when Triton imports, ``torch`` otherwise.
+:func:`loss_backend` (what a distiller's ``loss_backend`` option sets per call), the
+environment variable ``PCSEG_KD_LOSS_BACKEND``, else ``auto``. ``auto`` picks ``triton``
+for CUDA tensors when Triton imports and the case is inside the kernel, else ``torch``.
 
-When ``triton`` is chosen (or forced) but a case is outside the kernel, the call runs the
-torch path with identical results: float64 inputs, C > 1024, a teacher that requires grad.
-PSSM with ``detach=False`` runs Ω in torch (so its gradient flows) and the DKD/KD part in
-the kernel, Ω passed as a weight whose gradient the kernel provides. Forcing ``triton``
+Outside the kernel (float64, C > 1024) a ``triton`` request runs ``torch``. PSSM with
+``detach=False`` computes Ω in torch (so its gradient flows) and the DKD/KD part in the
+fused op, Ω passed as a weight whose gradient the fused op provides. Forcing ``triton``
 where it cannot run at all (Triton missing, CPU tensors without ``TRITON_INTERPRET=1``)
 raises.
 
@@ -34,9 +36,10 @@ import torch
 from torch import Tensor
 
 from . import pssm_dkd_triton as tk
+from . import torch_fused as tf
 
 ENV_VAR = "PCSEG_KD_LOSS_BACKEND"
-BACKENDS = ("auto", "torch", "compile", "triton")
+BACKENDS = ("auto", "torch", "compile", "triton", "reference")
 KINDS = ("dkd", "kd")
 _override: Optional[str] = None
 
@@ -143,33 +146,7 @@ def torch_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float,
     return reduce_rows(per_row, reduction, valid)
 
 
-_compiled = None
-
-
-def _compiled_fn():
-    global _compiled
-    if _compiled is None:
-        _compiled = torch.compile(torch_distill_loss, dynamic=None)
-    return _compiled
-
-
-def compiled_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,
-                          temperature: float, reduction: str, ignore_index: Optional[int],
-                          weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool) -> Tensor:
-    """:func:`torch_distill_loss` under ``torch.compile``; rows flattened and marked dynamic so
-    that a new N does not recompile."""
-    lead = s.shape[:-1]
-    s2, t2, y2 = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1]), y.reshape(-1)
-    w2 = None if weight is None else weight.reshape(-1)
-    for x in (s2, t2, y2, w2):
-        if x is not None:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-    out = _compiled_fn()(kind, s2, t2, y2, alpha, beta, temperature, reduction, ignore_index, w2,
-                         pssm, kd_apply, scale_by_t2)
-    return out.reshape(lead) if reduction == "none" else out
-
-
-# ----------------------------------------------------------------------------- triton path
+# ----------------------------------------------------------------------------- fused paths
 def _params(kind: str, alpha: float, beta: float, temperature: float, ignore_index: Optional[int],
             pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False) -> "tk.FusedParams":
     mode = tk.MODE_OMEGA if omega_only else (tk.MODE_DKD if kind == "dkd" else tk.MODE_KD)
@@ -196,27 +173,37 @@ def _check(kind: str, s: Tensor, t: Tensor, y: Tensor) -> None:
         raise ValueError(f"{name} needs at least 2 classes, got {s.shape[-1]}")
 
 
-def triton_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,
-                        temperature: float, reduction: str, ignore_index: Optional[int],
-                        weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool,
-                        block_rows: Optional[int] = None) -> Tensor:
+def fused_distill_loss(impl: str, kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,
+                       temperature: float, reduction: str, ignore_index: Optional[int],
+                       weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool,
+                       block_rows: Optional[int] = None) -> Tensor:
+    """The fused op (student gradient only, teacher detached) on ``impl`` = "triton" (kernel),
+    "torch" (eager, analytic backward) or "compile" (the same under torch.compile)."""
     _check(kind, s, t, y)
     if pssm is not None and not pssm.detach:
-        # Ω needs its gradient: compute it in torch, let the kernel treat it as a weight.
-        from ..pssm import pssm_weights
-        omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
+        # Ω needs its gradient: compute it in torch, let the fused op treat it as a weight.
         if kind == "kd" and kd_apply == "logit_scale":
-            # the gradient of a logit scale is not in the kernel
+            # the gradient through a logit scale is not in the fused op
             return torch_distill_loss(kind, s, t, y, alpha, beta, temperature, reduction,
                                       ignore_index, weight, pssm, kd_apply, scale_by_t2)
+        from ..pssm import pssm_weights
+        omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
         weight = omega if weight is None else omega * weight.to(omega.dtype)
         pssm = None
     C = s.shape[-1]
     lead = s.shape[:-1]
-    p = _params(kind, alpha, beta, temperature, ignore_index, pssm, kd_apply, scale_by_t2)
+    s2, t2, y2 = s.reshape(-1, C), t.reshape(-1, C), y.reshape(-1)
     w2 = None if weight is None else weight.reshape(-1)
-    out = tk.fused_loss_2d(s.reshape(-1, C), t.reshape(-1, C), y.reshape(-1), w2, p, reduction,
-                           block_rows)
+    if impl == "triton":
+        p = _params(kind, alpha, beta, temperature, ignore_index, pssm, kd_apply, scale_by_t2)
+        out = tk.fused_loss_2d(s2, t2, y2, w2, p, reduction, block_rows)
+    else:
+        spec = tf.LossSpec(kind=kind, alpha=alpha, beta=beta, temperature=temperature,
+                           loss_scale=temperature ** 2 if (kind == "dkd" or scale_by_t2) else 1.0,
+                           ignore_index=ignore_index, pssm=pssm,
+                           kd_logit_scale=(kind == "kd" and kd_apply == "logit_scale"))
+        out = tf.fused_torch_2d(s2.contiguous(), t2.contiguous(), y2, w2, spec, reduction,
+                                compiled=impl == "compile", chunk_rows=block_rows)
     return out.reshape(lead) if reduction == "none" else out
 
 
@@ -236,17 +223,12 @@ def distill_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor, targ
     if kd_apply not in ("weight", "logit_scale"):
         raise ValueError(f"kd_apply must be 'weight' or 'logit_scale', got {kd_apply!r}")
     check_reduction(reduction)
-    args = (alpha, beta, temperature, reduction, ignore_index)
+    args = (alpha, beta, temperature, reduction, ignore_index, weight, pssm, kd_apply, scale_by_t2)
     name = select_backend(student_logits, teacher_logits, weight, backend)
-    if name == "triton":
-        return triton_distill_loss(kind, student_logits, teacher_logits, target, *args, weight,
-                                   pssm, kd_apply, scale_by_t2)
-    if name == "compile":
-        _check(kind, student_logits, teacher_logits, target)
-        return compiled_distill_loss(kind, student_logits, teacher_logits, target, *args, weight,
-                                     pssm, kd_apply, scale_by_t2)
-    return torch_distill_loss(kind, student_logits, teacher_logits, target, *args, weight, pssm,
-                              kd_apply, scale_by_t2)
+    if name == "reference" or teacher_logits.requires_grad:
+        # the fused ops treat the teacher as detached; keep autograd's answer for the teacher
+        return torch_distill_loss(kind, student_logits, teacher_logits, target, *args)
+    return fused_distill_loss(name, kind, student_logits, teacher_logits, target, *args)
 
 
 def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,

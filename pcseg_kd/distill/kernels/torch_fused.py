@@ -137,7 +137,7 @@ def rows_forward(s: Tensor, t: Tensor, y: Tensor, w: Optional[Tensor], spec: Los
         dl = zmt.sub_(zms).scatter_(0, y1, 0.0).sub_(lnt_t - lnt_s)
         nckd = dl.mul_(et).sum(0) / st
         raw = spec.loss_scale * (spec.alpha * tckd + spec.beta * nckd)
-        a_rest = spec.alpha * (lps_rest.exp() - pt_rest) + spec.beta
+        a_rest = spec.alpha * (lps_rest.exp() - pt_rest)
         a_gt = spec.alpha * (lps_gt.exp() - pt_gt)
         saved = (lnt_t, lnt_s, a_rest, a_gt)
     else:
@@ -166,10 +166,12 @@ def rows_backward(s: Tensor, t: Tensor, y: Tensor, saved, go: Tensor, spec: Loss
         valid = None if spec.ignore_index is None else (y != spec.ignore_index)
         yy = y.long() if valid is None else y.long().masked_fill(~valid, 0)
         y1 = yy.unsqueeze(0)
-        # ∂/∂z_k: a_rest·q_s,k - β·q_t,k off the target, a_gt on it
+        # ∂/∂z_k: α(p_s,rest - p_t,rest)·q_s,k + β(q_s,k - q_t,k) off the target, a_gt on it
+        # (β's term kept apart: exactly 0 for C = 2, no cancellation when q_s ≈ q_t)
         qt = xt.mul_(inv_t).sub_(lnt_t).exp_()
         qs = xs.mul_(inv_t).sub_(lnt_s).exp_()
-        g = qs.mul_(a_rest).sub_(qt, alpha=spec.beta)
+        dq = qs - qt
+        g = qs.mul_(a_rest).add_(dq, alpha=spec.beta)
         g = g.scatter_(0, y1, a_gt.unsqueeze(0)).mul_(coef)
     else:
         lse_t, lse_s = saved[:2]

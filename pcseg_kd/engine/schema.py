@@ -36,7 +36,7 @@ class SweepConfig:
     shift_key: str = "task.overlap"      # dotted key varied along the table's columns
     shift_values: List[Any] = field(default_factory=list)
     methods: Dict[str, str] = field(default_factory=dict)  # table label -> method config (relative path)
-    paper: Dict[str, Any] = field(default_factory=dict)    # the paper's numbers, for the side-by-side table
+    paper: Dict[str, Any] = field(default_factory=dict)    # label -> {shift value: the paper's number}
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from tqdm.auto import tqdm
 
-from .runner import load_experiment, write_json
+from .runner import load_experiment, save_config, write_json
 from .toy import run_setting
 
 SHARED_KEYS = ("task", "model", "teacher_model", "teacher", "student", "seeds", "device")
@@ -46,6 +46,7 @@ def run_sweep(config_path: str, overrides: Sequence[str], work_dir: Path, progre
 
     cell_dir = work_dir / "cells"
     cell_dir.mkdir(parents=True, exist_ok=True)
+    save_config(top, work_dir / "config.yaml")
     results: Dict[str, Dict[str, Any]] = {label: {} for label in methods}
     shared_by_key: Dict[str, Any] = {}
     levels: Dict[str, Dict[str, float]] = {}
@@ -102,14 +103,17 @@ def markdown_tables(summary: Dict[str, Any], config_path: str, overrides: Sequen
     rows = [("no-KD", [levels[json.dumps(v)]["baseline_acc_mean"] for v in values])]
     rows += [(m, [res[m][json.dumps(v)]["student_acc_mean"] for v in values]) for m in methods]
     for name, ours in rows:
-        ref = paper.get(name)
-        cells = [f"{o:.2f}" + (f" / {ref[i]:.2f}" if ref and i < len(ref) and ref[i] is not None else "")
-                 for i, o in enumerate(ours)]
+        ref = {str(k): v for k, v in (paper.get(name) or {}).items()}  # shift value -> paper's number
+        cells = [f"{o:.2f}" + (f" / {ref[str(v)]:.2f}" if ref.get(str(v)) is not None else "")
+                 for v, o in zip(values, ours)]
         lines.append("| " + " | ".join([name] + cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def plot_accuracy_vs_cmd(summary: Dict[str, Any], path: Path) -> None:
+    """Left: mean student accuracy against input CMD (the paper's Fig. 2 / 4). Right: the
+    paired gain over the no-KD baseline, with a band of one standard deviation over seeds
+    (accuracy itself varies more between seeds than between methods)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -118,19 +122,25 @@ def plot_accuracy_vs_cmd(summary: Dict[str, Any], path: Path) -> None:
     values = summary["shift_values"]
     x = np.array([summary["levels"][json.dumps(v)]["input_cmd"] for v in values])
     order = np.argsort(x)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax_acc, ax_delta) = plt.subplots(1, 2, figsize=(11, 4))
     base = np.array([summary["levels"][json.dumps(v)]["baseline_acc_mean"] for v in values])
-    ax.plot(x[order], base[order], "k--", label="no-KD")
+    ax_acc.plot(x[order], base[order], "k--", label="no-KD")
+    ax_delta.axhline(0.0, color="k", ls="--", lw=1)
     for m in summary["methods"]:
         r = [summary["results"][m][json.dumps(v)] for v in values]
         mean = np.array([c["student_acc_mean"] for c in r])
-        std = np.array([c["student_acc_std"] for c in r])
-        ax.plot(x[order], mean[order], marker="o", label=m)
-        ax.fill_between(x[order], (mean - std)[order], (mean + std)[order], alpha=0.12)
-    ax.set_xlabel("input CMD (teacher vs student modality)")
-    ax.set_ylabel("student test accuracy (%)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+        delta = np.array([c["delta_mean"] for c in r])
+        std = np.array([c["delta_std"] for c in r])
+        ax_acc.plot(x[order], mean[order], marker="o", label=m)
+        line, = ax_delta.plot(x[order], delta[order], marker="o", label=m)
+        ax_delta.fill_between(x[order], (delta - std)[order], (delta + std)[order], alpha=0.12, color=line.get_color())
+    n = next(iter(next(iter(summary["results"].values())).values()))["n_seeds"]
+    ax_acc.set_ylabel(f"student test accuracy (%), mean of {n} seeds")
+    ax_delta.set_ylabel("student − no-KD (points), ±1 std")
+    for ax in (ax_acc, ax_delta):
+        ax.set_xlabel("input CMD (teacher vs student modality)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -224,7 +224,7 @@ def main(argv=None):
             s, t, y = make_inputs(n, args.classes, dtype, device)
             elt = s.element_size()
             nbytes = n * args.classes * elt * 3 + n * y.element_size()  # read s, t, y; write grad
-            copy = statistics.median(bench_copy(nbytes, device, max(repeats, 5), timer))
+            copy = statistics.median(bench_copy(nbytes, device, max(repeats, 20), timer))
             print(f"{n:>8} {dname:>5} {'copy':>9} | {'':>22} | {'':>22} | {fmt_ms([copy]):>22} | "
                   f"{1.0:7.2f} {100.0:5.0f} | {'':>8} | ({nbytes / 1e6:.0f} MB moved, "
                   f"{nbytes / copy / 1e9:.0f} GB/s)")

@@ -7,7 +7,7 @@ live beside them. All register in :data:`pcseg_kd.registry.DISTILLERS`.
 from .base import Distiller, NoKD, ce_rows, warmup_factor
 from .kd import KD, kd_loss
 from .dkd import DKD, dkd_loss, dkd_terms
-from .pssm import PSSM_PRESETS, PSSMConfig, pssm_config, pssm_weights
+from .pssm import PSSM_PRESETS, PSSMConfig, pssm_config, pssm_weights, pssm_weights_torch
 from .kd_pssm import KDPSSM
 from .dkd_pssm import DKDPSSM, pssm_dkd_loss
 from . import feature  # noqa: F401  (FitNet, RKD, PKT, SP, CRD register themselves)

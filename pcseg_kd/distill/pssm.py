@@ -61,9 +61,21 @@ def pssm_config(preset: str = "reference", **overrides: Any) -> PSSMConfig:
 
 def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                  preset: str = "reference", ignore_index: Optional[int] = None,
-                 **overrides: Any) -> Tensor:
+                 backend: Optional[str] = None, **overrides: Any) -> Tensor:
     """Ω of shape ``[..., N]`` for ``[..., N, C]`` logits. Rows whose target is
-    ``ignore_index`` get Ω = 0."""
+    ``ignore_index`` get Ω = 0.
+
+    ``backend`` (or ``PCSEG_KD_LOSS_BACKEND``) as for ``dkd_loss``: on CUDA with Triton,
+    Ω comes from the fused kernel's Ω-only mode; :func:`pssm_weights_torch` otherwise.
+    """
+    from .kernels.dispatch import pssm_weights as dispatched
+    return dispatched(student_logits, teacher_logits, target, preset, ignore_index, backend, **overrides)
+
+
+def pssm_weights_torch(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                       preset: str = "reference", ignore_index: Optional[int] = None,
+                       **overrides: Any) -> Tensor:
+    """The PyTorch implementation of :func:`pssm_weights` (the reference semantics)."""
     cfg = overrides.pop("config", None) or pssm_config(preset, **overrides)
     s = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
     t = teacher_logits.float() if teacher_logits.dtype in (torch.float16, torch.bfloat16) else teacher_logits

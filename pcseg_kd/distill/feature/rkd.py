@@ -45,13 +45,25 @@ def _normalised_distances(f: Tensor, offdiag: Tensor, eps: float, squared: bool)
 
 def triplet_angles(f: Tensor, eps: float = 1e-12) -> Tensor:
     """``[..., N, N, N]``: entry (i, j, k) = cos of the angle at anchor i between
-    f_j - f_i and f_k - f_i (0 when either difference is the zero vector i == j or i == k)."""
-    diff = f.unsqueeze(-3) - f.unsqueeze(-2)  # [..., i, j, D] = f_j - f_i
-    norm = torch.linalg.vector_norm(diff, dim=-1, keepdim=True)
-    eye = torch.eye(f.shape[-2], dtype=torch.bool, device=f.device).unsqueeze(-1)
-    # where(i == j) uses a norm of 1 so that 0/0 never enters the graph
-    unit = diff / torch.where(eye, torch.ones_like(norm), norm.clamp_min(eps))
-    return unit @ unit.transpose(-1, -2)
+    f_j - f_i and f_k - f_i (0 when i == j or i == k).
+
+    Computed from the Gram matrix G (<f_j - f_i, f_k - f_i> = G_jk - G_ij - G_ik + G_ii),
+    so the cost is O(N²·D + N³) instead of mdistiller's O(N³·D). Angles are translation
+    invariant, so the features are centred first: that keeps G small and the expansion
+    from cancelling in float32.
+    """
+    f = f - f.mean(-2, keepdim=True)
+    g = f @ f.transpose(-1, -2)
+    diag = g.diagonal(dim1=-2, dim2=-1)
+    dot = g.unsqueeze(-3) - g.unsqueeze(-1) - g.unsqueeze(-2) + diag[..., :, None, None]
+    sq = diag.unsqueeze(-1) + diag.unsqueeze(-2) - 2.0 * g  # |f_j - f_i|², entry (i, j)
+    n = f.shape[-2]
+    eye = torch.eye(n, dtype=torch.bool, device=f.device)
+    # a norm of 1 on the diagonal keeps 0/0 (and sqrt's infinite slope at 0) out of the graph
+    norm = torch.where(eye, torch.ones_like(sq), sq.clamp_min(eps * eps).sqrt().clamp_min(eps))
+    cos = dot / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
+    degenerate = eye.unsqueeze(-1) | eye.unsqueeze(-2)  # (i, j, ·) with i == j, or (i, ·, k) with i == k
+    return cos.masked_fill(degenerate, 0.0)
 
 
 def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0,
@@ -72,14 +84,20 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weig
     loss = f_s.new_zeros(f_s.shape[:-2])
     if distance_weight:
         d_s = _normalised_distances(f_s, offdiag, eps, squared)
-        d_t = _normalised_distances(f_t, offdiag, eps, squared)
+        with torch.no_grad():
+            d_t = _normalised_distances(f_t, offdiag, eps, squared)
         per_pair = F.smooth_l1_loss(d_s, d_t, reduction="none") * pairs
         loss = loss + distance_weight * per_pair.sum((-1, -2)) / pairs.sum((-1, -2)).clamp_min(1.0)
     if angle_weight:
-        triples = pairs.unsqueeze(-1) * w.unsqueeze(-2).unsqueeze(-2)
-        per_triple = F.smooth_l1_loss(triplet_angles(f_s, eps), triplet_angles(f_t, eps), reduction="none")
-        per_triple = per_triple * triples
-        loss = loss + angle_weight * per_triple.sum((-1, -2, -3)) / triples.sum((-1, -2, -3)).clamp_min(1.0)
+        with torch.no_grad():
+            a_t = triplet_angles(f_t, eps)
+        per_triple = F.smooth_l1_loss(triplet_angles(f_s, eps), a_t, reduction="none")
+        if valid is None:  # N³ entries: skip the all-ones mask
+            loss = loss + angle_weight * per_triple.mean((-1, -2, -3))
+        else:
+            triples = pairs.unsqueeze(-1) * w.unsqueeze(-2).unsqueeze(-2)
+            per_triple = per_triple * triples
+            loss = loss + angle_weight * per_triple.sum((-1, -2, -3)) / triples.sum((-1, -2, -3)).clamp_min(1.0)
     return loss
 
 

@@ -121,7 +121,7 @@ def torch_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float,
     """The reference composition (pssm_weights, then dkd_loss / kd_loss) in PyTorch."""
     from ..dkd import dkd_loss_torch
     from ..kd import kd_loss
-    from ..pssm import pssm_weights
+    from ..pssm import pssm_weights_torch as pssm_weights
     from ..reduce import reduce_rows
 
     omega = None
@@ -186,7 +186,7 @@ def fused_distill_loss(impl: str, kind: str, s: Tensor, t: Tensor, y: Tensor, al
             # the gradient through a logit scale is not in the fused op
             return torch_distill_loss(kind, s, t, y, alpha, beta, temperature, reduction,
                                       ignore_index, weight, pssm, kd_apply, scale_by_t2)
-        from ..pssm import pssm_weights
+        from ..pssm import pssm_weights_torch as pssm_weights
         omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
         weight = omega if weight is None else omega * weight.to(omega.dtype)
         pssm = None
@@ -238,7 +238,7 @@ def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
     mode (one read of both logits and the labels, one float32 write per row) when the
     Triton backend is chosen and Ω needs no gradient."""
     from ..pssm import pssm_config
-    from ..pssm import pssm_weights as torch_pssm_weights
+    from ..pssm import pssm_weights_torch as torch_pssm_weights
     cfg = overrides.pop("config", None) or pssm_config(preset, **overrides)
     grad_needed = (not cfg.detach) and (student_logits.requires_grad or teacher_logits.requires_grad)
     name = select_backend(student_logits, teacher_logits, None, backend)

@@ -349,3 +349,10 @@ def test_mdistiller_default_weights_and_config_schema():
 def test_missing_features_error_names_them():
     with pytest.raises(ValueError, match="student_feats"):
         build("pkt", 4, 4, 1)(torch.zeros(3, 10), torch.zeros(3, 10), torch.zeros(3, dtype=torch.long))
+
+
+def test_rkd_float32_is_accurate_for_offset_features():
+    """The Gram-based angles centre the features: a large common offset must not cost accuracy."""
+    fs, ft = rand(16, 32, seed=35) + 50.0, rand(16, 8, seed=36) - 30.0
+    want = rkd_loss(fs, ft).item()
+    assert rkd_loss(fs.float(), ft.float()).item() == pytest.approx(want, rel=1e-4)

@@ -34,8 +34,9 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
     if logit_scale is not None:
         s = s * logit_scale.to(dtype).unsqueeze(-1)
         t = t * logit_scale.to(dtype).unsqueeze(-1)
-    log_p_t = F.log_softmax(t, dim=-1)
-    log_p_s = F.log_softmax(s, dim=-1)
+    # z - logsumexp(z) rather than F.log_softmax: same values, much faster on CPU for small C
+    log_p_t = t - torch.logsumexp(t, -1, keepdim=True)
+    log_p_s = s - torch.logsumexp(s, -1, keepdim=True)
     per_row = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
     if scale_by_t2:
         per_row = per_row * (temperature ** 2)

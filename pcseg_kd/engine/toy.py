@@ -93,6 +93,22 @@ class EpochBatches:
 
 
 # ----------------------------------------------------------------------------- training
+def _freeze(teacher: Optional[nn.Module]) -> None:
+    if teacher is not None:
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+
+def _step(opt: torch.optim.Optimizer, terms: Dict[str, Tensor]) -> None:
+    """One update on the sum of the loss terms (summed over seeds: each seed's slice of
+    the stacked parameters gets its own seed's gradient)."""
+    loss = sum(v.sum() for v in terms.values())
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def fit(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, seeds: Sequence[int], distiller: nn.Module,
         teacher: Optional[MLP] = None, x_teacher: Optional[Tensor] = None, task: Optional[ToyTask] = None,
         desc: str = "", progress: bool = False) -> MLP:
@@ -101,10 +117,7 @@ def fit(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, seeds: Sequence[int]
     opt = make_optimizer(params, cfg)
     batches = EpochBatches(y.shape[-1], cfg.batch_size, seeds, x.device)
     full = batches.batch_size is None
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    _freeze(teacher)
     augment = task.augment if task is not None else (lambda v, *a: v)
     t_cached = None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False):
@@ -128,11 +141,7 @@ def fit(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, seeds: Sequence[int]
                 extras["teacher_feats"] = t_feats
             if yb.shape[0] != logits.shape[0]:
                 yb = yb.expand(logits.shape[0], -1)
-            terms = distiller(logits, t_logits, yb, epoch=epoch, **extras)
-            loss = sum(v.sum() for v in terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _step(opt, distiller(logits, t_logits, yb, epoch=epoch, **extras))
     return model
 
 
@@ -145,10 +154,7 @@ def fit_plain(model: PlainMLP, x: Tensor, y: Tensor, cfg: OptimConfig, seed: int
     batches = EpochBatches(y.shape[-1], cfg.batch_size, [seed], x.device)
     full = batches.batch_size is None
     augment = task.augment if task is not None else (lambda v, *a: v)
-    if teacher is not None:
-        teacher.eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    _freeze(teacher)
     for epoch in range(1, cfg.epochs + 1):
         for rows in batches():
             r = rows[0]
@@ -163,11 +169,7 @@ def fit_plain(model: PlainMLP, x: Tensor, y: Tensor, cfg: OptimConfig, seed: int
                 xa = augment(xa.unsqueeze(0), "a", epoch, [seed], rows)[0]
                 with torch.no_grad():
                     t_logits, extras["teacher_feats"] = teacher(xa)
-            terms = distiller(logits, t_logits, yb, epoch=epoch, **extras)
-            loss = sum(v.sum() for v in terms.values())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            _step(opt, distiller(logits, t_logits, yb, epoch=epoch, **extras))
     return model
 
 

@@ -107,6 +107,11 @@ def markdown_tables(summary: Dict[str, Any], config_path: str, overrides: Sequen
         cells = [f"{o:.2f}" + (f" / {ref[str(v)]:.2f}" if ref.get(str(v)) is not None else "")
                  for v, o in zip(values, ours)]
         lines.append("| " + " | ".join([name] + cells) + " |")
+    # Table 1 layout: output CMD (student vs teacher softmax on the training set) per method
+    lines += ["", "Output CMD (student vs teacher softmax outputs, training set, after training):", ""]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in methods:
+        lines.append("| " + " | ".join([m] + [f"{res[m][json.dumps(v)]['output_cmd']:.3f}" for v in values]) + " |")
     return "\n".join(lines) + "\n"
 
 

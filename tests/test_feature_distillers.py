@@ -356,3 +356,21 @@ def test_rkd_float32_is_accurate_for_offset_features():
     fs, ft = rand(16, 32, seed=35) + 50.0, rand(16, 8, seed=36) - 30.0
     want = rkd_loss(fs, ft).item()
     assert rkd_loss(fs.float(), ft.float()).item() == pytest.approx(want, rel=1e-4)
+
+
+def test_chunked_angle_loss_gradcheck_across_chunks():
+    """The memory-lean angle loss with several anchor chunks: exact gradients, and equal to
+    the plain N³ formula."""
+    from pcseg_kd.distill.feature.rkd import _AngleLoss, _gram_and_inverse_norms, triplet_angles
+
+    fs = rand(2, 6, 3, seed=37).requires_grad_(True)
+    ft = rand(2, 6, 4, seed=38)
+    g_t, r_t = _gram_and_inverse_norms(ft, 1e-12)
+
+    def fn(x):
+        g, r = _gram_and_inverse_norms(x, 1e-12)
+        return _AngleLoss.apply(g, r, g_t, r_t, 2)  # 3 chunks of 2 anchors
+
+    assert torch.autograd.gradcheck(fn, (fs,), eps=1e-6, atol=1e-6)
+    plain = torch.nn.functional.smooth_l1_loss(triplet_angles(fs), triplet_angles(ft), reduction="none").mean((1, 2, 3))
+    assert torch.allclose(fn(fs), plain, rtol=1e-12, atol=1e-15)

@@ -6,7 +6,8 @@ setup(
     description="Cross-modal knowledge distillation for LiDAR semantic segmentation (PSSM, DKD, KD)",
     python_requires=">=3.10",
     packages=find_packages(include=["pcseg_kd", "pcseg_kd.*"]),
-    package_data={"pcseg_kd": ["py.typed"]},
+    # the official label map; the reader looks for it in the checkout, then here
+    data_files=[("share/pcseg_kd", ["data/semantic-kitti.yaml"])],
     # torch is left unpinned here so that GPU users keep their CUDA build; the README's
     # commands pin the CPU wheel (torch==2.13.0) for CPU-only machines.
     install_requires=[

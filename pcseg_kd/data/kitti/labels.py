@@ -7,6 +7,7 @@ never be "unlabeled", which is what the official evaluation assumes.
 """
 from __future__ import annotations
 
+import sys
 from functools import lru_cache
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -16,7 +17,15 @@ import yaml
 
 from .errors import KittiDataError, PathLike
 
-DEFAULT_LABEL_MAP_FILE = Path(__file__).resolve().parents[3] / "data" / "semantic-kitti.yaml"
+def _default_label_map_file() -> Path:
+    """The repo's ``data/semantic-kitti.yaml`` (editable installs, checkouts), else the copy
+    that ``setup.py`` installs under ``<prefix>/share/pcseg_kd/`` (wheel installs)."""
+    in_repo = Path(__file__).resolve().parents[3] / "data" / "semantic-kitti.yaml"
+    installed = Path(sys.prefix) / "share" / "pcseg_kd" / "semantic-kitti.yaml"
+    return in_repo if in_repo.is_file() or not installed.is_file() else installed
+
+
+DEFAULT_LABEL_MAP_FILE = _default_label_map_file()
 NUM_CLASSES = 19
 DEFAULT_IGNORE_INDEX = 255
 UNKNOWN = -1  # marker in the lookup table for raw ids absent from the yaml

@@ -1,7 +1,6 @@
 """The synthetic generator: official layout and formats, determinism, scene content,
 camera/LiDAR agreement through the calibration, and the image-degradation knob."""
 import hashlib
-import time
 
 import cv2
 import numpy as np
@@ -66,13 +65,10 @@ def test_deterministic_from_seed(root, tmp_path):
         (root / "sequences/00/velodyne/000000.bin").read_bytes()
 
 
-def test_full_size_frame_content_and_speed():
+def test_full_size_frame_content():
     seq = SyntheticSequence("00", SyntheticConfig(frames=40, seed=1))
-    t0 = time.perf_counter()
-    f = seq.frame(0)
-    dt = time.perf_counter() - t0
+    f = seq.frame(0)  # speed is measured by tools/bench_kitti_loader.py, not here
     assert 90_000 < len(f.points) < 135_000, len(f.points)
-    assert dt < 4.0, f"a full frame (LiDAR + image) took {dt:.2f} s"
     r = np.linalg.norm(f.points[:, :3], axis=1)
     elev = np.degrees(np.arcsin(f.points[:, 2] / r))
     assert -25.5 < elev.min() < -23 and 1 < elev.max() < 3  # HDL-64E vertical field of view

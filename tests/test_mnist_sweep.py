@@ -3,7 +3,6 @@ two noise levels, through the engine's sweep, plus config validation of every
 digits/mnist config."""
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,6 @@ import pytest
 
 import pcseg_kd.data.mnist_task  # noqa: F401  (registers "digits" and "mnist")
 import pcseg_kd.engine.sweep as sweep_mod
-import pcseg_kd.engine.toy as toy
 from pcseg_kd.engine.runner import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,29 +19,7 @@ TINY = ["seeds.num=2", "teacher.epochs=2", "student.epochs=2", "task.n_train=256
 METHODS = ["FitNet", "CRD", "RKD", "PKT", "SP", "KL", "KL+PSSM", "DKD", "DKD+PSSM"]
 
 
-@pytest.fixture
-def engine_input_cmd(monkeypatch):
-    """Until the engine asks the task for its input CMD (teacher 784 vs student 2352 inputs),
-    route it to ``task.input_cmd``; once it does, this fixture changes nothing."""
-    if "input_cmd(" in inspect.getsource(toy.run_setting):
-        return
-    original = toy.run_setting
-
-    def run_setting(cfg, progress=False, shared=None):
-        real_cmd = toy.cmd
-        monkeypatch.setattr(toy, "cmd", lambda x, y, k=5: real_cmd(x, y, k) if x.shape[-1] == y.shape[-1]
-                            else real_cmd(x[..., :1, :1], x[..., :1, :1], k))
-        out = original(cfg, progress=progress, shared=shared)
-        monkeypatch.setattr(toy, "cmd", real_cmd)
-        task = toy.build_task(cfg)
-        value = task.input_cmd(out["shared"]["data"], out["metrics"]["seeds"])
-        out["metrics"]["input_cmd"] = float(value.mean())
-        return out
-
-    monkeypatch.setattr(sweep_mod, "run_setting", run_setting)
-
-
-def test_digits_table10_sweep_end_to_end(tmp_path, engine_input_cmd):
+def test_digits_table10_sweep_end_to_end(tmp_path):
     cfg = str(ROOT / "configs/digits/sweep_table10.yaml")
     summary = sweep_mod.run_sweep(cfg, TINY, tmp_path, progress=False)
     assert summary["methods"] == METHODS and summary["shift_values"] == [0, 5]

@@ -38,3 +38,9 @@ class ToyTask:
     def augment(self, x: Tensor, modality: str, epoch: int, seeds: List[int], rows) -> Tensor:
         """Per-epoch input transform (e.g. teacher-input noise); identity by default."""
         return x
+
+    def input_cmd(self, data: Dict[str, Tensor], seeds: List[int], k: int = 5) -> Tensor:
+        """The "input CMD" ``[S]``: CMD_k of the raw training inputs of the two modalities.
+        Tasks whose modalities differ in width (MNIST 784 vs MNIST-M 3x784) override it."""
+        from ..metrics.cmd import cmd
+        return cmd(data["x_a_train"], data["x_b_train"], k=k).expand(len(seeds))

@@ -251,7 +251,7 @@ def run_setting(cfg, progress: bool = False, shared: Optional[Dict[str, Any]] = 
     acc_t = accuracy(predict(teacher, data["x_a_test"], task, "a", seeds), y_test)
     acc_b = accuracy(predict(baseline, data["x_b_test"], task, "b", seeds), y_test)
     acc_s = accuracy(predict(student, data["x_b_test"], task, "b", seeds), y_test)
-    in_cmd = cmd(data["x_a_train"], data["x_b_train"], k=5).expand(len(seeds))
+    in_cmd = task.input_cmd(data, seeds)
     p_s = torch.softmax(predict(student, data["x_b_train"]), -1)
     p_t = torch.softmax(predict(teacher, data["x_a_train"]), -1)
     out_cmd = cmd(p_s, p_t, k=5)

@@ -36,22 +36,25 @@ class PlainMLP(nn.Module):
     """One MLP: Linear (-> activation -> Linear)*."""
 
     def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (),
-                 activation: str = "relu", negative_slope: float = 0.01):
+                 activation: str = "relu", negative_slope: float = 0.01, final_activation: bool = False):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
         dims = [in_dim, *hidden, num_classes]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
         self.activation, self.negative_slope = activation, negative_slope
+        self.final_activation = final_activation
 
     def forward(self, x: Tensor) -> Tuple[Tensor, Tensor]:
         feats = x
+        n = len(self.layers)
         for i, layer in enumerate(self.layers):
             x = layer(x)
-            if i < len(self.layers) - 1:
+            if i < n - 1 or self.final_activation:
                 x = _activate(x, self.activation, self.negative_slope)
+            if i < n - 1:
                 feats = x
-        return x, (feats if len(self.layers) > 1 else x)
+        return x, (feats if n > 1 else x)
 
 
 @MODELS.register_module("mlp")
@@ -62,7 +65,7 @@ class MLP(nn.Module):
     injected_args = ("in_dim", "num_classes", "num_models")
 
     def __init__(self, in_dim: int, num_classes: int, hidden: List[int] = (), activation: str = "relu",
-                 negative_slope: float = 0.01, num_models: int = 1):
+                 negative_slope: float = 0.01, final_activation: bool = False, num_models: int = 1):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -70,6 +73,8 @@ class MLP(nn.Module):
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_models, a, b)) for a, b in zip(dims[:-1], dims[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_models, 1, b)) for b in dims[1:])
         self.activation, self.negative_slope = activation, negative_slope
+        # the authors' MNIST model also passes its logits through the activation
+        self.final_activation = final_activation
         self.num_models = num_models
         self.hidden = list(hidden)
 
@@ -81,7 +86,8 @@ class MLP(nn.Module):
     def from_plain(cls, models: Sequence[PlainMLP]) -> "MLP":
         first = models[0]
         dims = [first.layers[0].in_features] + [l.out_features for l in first.layers]
-        out = cls(dims[0], dims[-1], dims[1:-1], first.activation, first.negative_slope, len(models))
+        out = cls(dims[0], dims[-1], dims[1:-1], first.activation, first.negative_slope,
+                  first.final_activation, len(models))
         with torch.no_grad():
             for i in range(len(first.layers)):
                 out.weights[i].copy_(torch.stack([m.layers[i].weight.t() for m in models]))
@@ -90,7 +96,8 @@ class MLP(nn.Module):
 
     def to_plain(self, index: int) -> PlainMLP:
         dims = [self.weights[0].shape[1]] + [w.shape[2] for w in self.weights]
-        plain = PlainMLP(dims[0], dims[-1], dims[1:-1], self.activation, self.negative_slope)
+        plain = PlainMLP(dims[0], dims[-1], dims[1:-1], self.activation, self.negative_slope,
+                         self.final_activation)
         with torch.no_grad():
             for i, layer in enumerate(plain.layers):
                 layer.weight.copy_(self.weights[i][index].t())
@@ -106,7 +113,8 @@ class MLP(nn.Module):
         n = len(self.weights)
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
-            if i < n - 1:
+            if i < n - 1 or self.final_activation:
                 x = _activate(x, self.activation, self.negative_slope)
+            if i < n - 1:
                 feats = x
         return x, (feats if n > 1 else x)

@@ -22,12 +22,14 @@ class OptimConfig:
 class SeedConfig:
     start: int = 0
     num: int = 10
-    values: Optional[List[int]] = None   # explicit seed list; overrides start/num
+    values: Optional[List[int]] = None   # explicit seed list (then start is unused)
 
 
 def seed_list(seeds: Dict[str, Any]) -> List[int]:
+    """``values[:num]`` when a list is given (so ``seeds.num=3`` still means three seeds),
+    else ``start .. start + num - 1``."""
     if seeds.get("values"):
-        return [int(s) for s in seeds["values"]]
+        return [int(s) for s in seeds["values"]][: seeds["num"]]
     return list(range(seeds["start"], seeds["start"] + seeds["num"]))
 
 

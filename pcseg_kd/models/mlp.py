@@ -36,12 +36,20 @@ class PlainMLP(nn.Module):
     """One MLP: Linear (-> activation -> Linear)*."""
 
     def __init__(self, in_dim: int, num_classes: int, hidden: Sequence[int] = (),
-                 activation: str = "relu", negative_slope: float = 0.01, final_activation: bool = False):
+                 activation: str = "relu", negative_slope: float = 0.01, final_activation: bool = False,
+                 discarded_init_layers: Sequence[int] = ()):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
         dims = [in_dim, *hidden, num_classes]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        layers = []
+        for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+            if i in discarded_init_layers:
+                # the authors' sklearn network builds a Linear(a, a) it never uses before its
+                # last layer; building (and dropping) one keeps torch's RNG stream identical
+                nn.Linear(a, a)
+            layers.append(nn.Linear(a, b))
+        self.layers = nn.ModuleList(layers)
         self.activation, self.negative_slope = activation, negative_slope
         self.final_activation = final_activation
 
@@ -60,12 +68,14 @@ class PlainMLP(nn.Module):
 @MODELS.register_module("mlp")
 class MLP(nn.Module):
     """S stacked MLPs. Input ``[S, N, in]`` (or ``[1, N, in]``, shared by all S);
-    output ``([S, N, C], [S, N, D])``."""
+    output ``([S, N, C], [S, N, D])``. ``discarded_init_layers`` only matters when the
+    weights come from :meth:`from_plain` (it shapes the per-seed RNG stream)."""
 
     injected_args = ("in_dim", "num_classes", "num_models")
 
     def __init__(self, in_dim: int, num_classes: int, hidden: List[int] = (), activation: str = "relu",
-                 negative_slope: float = 0.01, final_activation: bool = False, num_models: int = 1):
+                 negative_slope: float = 0.01, final_activation: bool = False,
+                 discarded_init_layers: List[int] = (), num_models: int = 1):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
@@ -87,7 +97,7 @@ class MLP(nn.Module):
         first = models[0]
         dims = [first.layers[0].in_features] + [l.out_features for l in first.layers]
         out = cls(dims[0], dims[-1], dims[1:-1], first.activation, first.negative_slope,
-                  first.final_activation, len(models))
+                  first.final_activation, num_models=len(models))
         with torch.no_grad():
             for i in range(len(first.layers)):
                 out.weights[i].copy_(torch.stack([m.layers[i].weight.t() for m in models]))

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from ..registry import DISTILLERS
 from .base import Distiller
-from .reduce import check_reduction, compute_dtype, reduce_rows, row_mean
+from .reduce import check_logits, check_reduction, compute_dtype, reduce_rows, row_mean
 
 
 def target_mask(target: Tensor, num_classes: int, ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor]:
@@ -39,15 +39,8 @@ def _decoupled_logprobs(z: Tensor, gt: Tensor):
 def dkd_terms(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, temperature: float = 4.0,
               ignore_index: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Per-row TCKD and NCKD (before α, β, T²) and the valid-row mask, each ``[..., N]``."""
-    if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"dkd_loss: student logits {tuple(student_logits.shape)} and teacher logits "
-                         f"{tuple(teacher_logits.shape)} differ in shape")
-    if target.shape != student_logits.shape[:-1]:
-        raise ValueError(f"dkd_loss: target shape {tuple(target.shape)} does not match logits "
-                         f"{tuple(student_logits.shape)} (expected {tuple(student_logits.shape[:-1])})")
+    check_logits("dkd_loss", student_logits, teacher_logits, target)
     num_classes = student_logits.shape[-1]
-    if num_classes < 2:
-        raise ValueError(f"dkd_loss needs at least 2 classes, got {num_classes}")
     dtype = compute_dtype(student_logits, teacher_logits)
     zs = student_logits.to(dtype) / temperature
     zt = teacher_logits.to(dtype) / temperature

@@ -23,6 +23,18 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return dtype
 
 
+def check_logits(name: str, s: Tensor, t: Tensor, y: Optional[Tensor] = None) -> None:
+    """Shape checks shared by every per-row loss, with the loss's name in the message."""
+    if s.shape != t.shape:
+        raise ValueError(f"{name}: student logits {tuple(s.shape)} and teacher logits "
+                         f"{tuple(t.shape)} differ in shape")
+    if y is not None and y.shape != s.shape[:-1]:
+        raise ValueError(f"{name}: target shape {tuple(y.shape)} does not match logits "
+                         f"{tuple(s.shape)} (expected {tuple(s.shape[:-1])})")
+    if s.shape[-1] < 2:
+        raise ValueError(f"{name} needs at least 2 classes, got {s.shape[-1]}")
+
+
 def check_reduction(reduction: str) -> None:
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from . import pssm_dkd_triton as tk
 from . import torch_fused as tf
+from ..reduce import check_logits
 
 ENV_VAR = "PCSEG_KD_LOSS_BACKEND"
 BACKENDS = ("auto", "torch", "compile", "triton", "reference")
@@ -162,15 +163,7 @@ def _params(kind: str, alpha: float, beta: float, temperature: float, ignore_ind
 
 
 def _check(kind: str, s: Tensor, t: Tensor, y: Tensor) -> None:
-    name = f"{kind}_loss"
-    if s.shape != t.shape:
-        raise ValueError(f"{name}: student logits {tuple(s.shape)} and teacher logits "
-                         f"{tuple(t.shape)} differ in shape")
-    if y.shape != s.shape[:-1]:
-        raise ValueError(f"{name}: target shape {tuple(y.shape)} does not match logits "
-                         f"{tuple(s.shape)} (expected {tuple(s.shape[:-1])})")
-    if s.shape[-1] < 2:
-        raise ValueError(f"{name} needs at least 2 classes, got {s.shape[-1]}")
+    check_logits(f"{kind}_loss", s, t, y)
 
 
 def fused_distill_loss(impl: str, kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float, beta: float,

@@ -133,3 +133,13 @@ def test_degradation_knob_hides_the_classes():
     assert ratios[0] > 1.5 * ratios[1] > 2.25 * ratios[2], ratios
     q = ImageQuality(degradation=1.0, blur_sigma=0.0).resolved()
     assert q == (1.0, 40.0, 0.0)
+
+
+def test_rerun_with_fewer_frames_removes_stale_frames(tmp_path):
+    from pcseg_kd.data.kitti.synthetic import SyntheticConfig, generate_dataset
+
+    small = dict(lidar=LidarModel(azimuth_steps=256), write_images=False)
+    generate_dataset(tmp_path, ["00"], SyntheticConfig(frames=3, seed=0, **small), progress=False)
+    generate_dataset(tmp_path, ["00"], SyntheticConfig(frames=1, seed=0, **small), progress=False)
+    assert sorted(p.name for p in (tmp_path / "sequences/00/velodyne").iterdir()) == ["000000.bin"]
+    assert sorted(p.name for p in (tmp_path / "sequences/00/labels").iterdir()) == ["000000.label"]

@@ -107,6 +107,12 @@ def generate_dataset(out: PathLike, sequences: Sequence[str] = ("00", "08"), cfg
         with_labels = int(s.sequence) <= 10 or cfg.test_labels
         for sub in ("velodyne",) + (("labels",) if with_labels else ()) + (("image_2",) if cfg.write_images else ()):
             (root / sub).mkdir(parents=True, exist_ok=True)
+        # frames of an earlier, longer run would otherwise sit beside this run's and be read
+        # as part of the sequence (poses.txt and times.txt would no longer match)
+        for sub, ext in (("velodyne", ".bin"), ("labels", ".label"), ("image_2", ".png")):
+            for old in (root / sub).glob(f"*{ext}") if (root / sub).is_dir() else ():
+                if old.stem.isdigit() and int(old.stem) >= cfg.frames:
+                    old.unlink()
         write_calib(root / "calib.txt", s.calib)
         write_poses(root / "poses.txt", s.camera_poses())
         np.savetxt(root / "times.txt", np.arange(cfg.frames) * FRAME_DT, fmt="%e")

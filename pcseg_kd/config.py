@@ -60,7 +60,9 @@ def _merge(dst: dict, src: Mapping, src_name: str, prov: Dict[str, str], prefix:
             if replace or not isinstance(dst.get(key), dict):
                 for p in [p for p in prov if p == path or p.startswith(path + ".")]:
                     del prov[p]
-                dst[key] = {}
+                # the marker stays in the merged tree, so that a file's replacement still
+                # replaces when that file is itself a later entry of some _base_ list
+                dst[key] = {DELETE_KEY: True} if replace else {}
                 prov[path] = src_name
             _merge(dst[key], value, src_name, prov, path + ".")
         else:
@@ -94,6 +96,12 @@ def _load_tree(path: Path, prov: Dict[str, str], stack: Tuple[Path, ...] = ()) -
     return merged
 
 
+def _strip_markers(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _strip_markers(v) for k, v in tree.items() if k != DELETE_KEY}
+    return tree
+
+
 def parse_overrides(overrides: Iterable[str]) -> dict:
     overrides = list(overrides)
     for item in overrides:
@@ -115,6 +123,7 @@ def load_config(path: os.PathLike | str, overrides: Sequence[str] = (),
     prov: Dict[str, str] = {}
     tree = _load_tree(Path(path), prov)
     _merge(tree, parse_overrides(overrides), CLI, prov)
+    tree = _strip_markers(tree)
     if schema is not None:
         tree = validate(tree, schema, prov)
     cfg = OmegaConf.create(tree)
@@ -255,6 +264,9 @@ def _validate_registry_section(path: str, section: Any, registry: Registry, prov
         if key == "type":
             continue
         sub = f"{path}.{key}"
+        if key in injected:
+            errors.append(f"{_where(prov, sub)}: {sub}: set by the engine from the data, not by the config")
+            continue
         if key not in params:
             if not takes_any:
                 accepted = ", ".join(n for n in params if n not in injected)

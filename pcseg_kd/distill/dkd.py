@@ -89,12 +89,15 @@ def dkd_loss_torch(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
 
 @DISTILLERS.register_module("dkd")
 class DKD(Distiller):
-    """CE + DKD with warm-up (mdistiller CIFAR defaults α=1, β=8, T=4, warm-up 20)."""
+    """CE + DKD with warm-up. Defaults α=1, β=8, T=4 are mdistiller's CIFAR ones; its warm-up
+    of 20 epochs is ``warmup_epochs: 20`` (default 0: the small tasks use none)."""
 
     def __init__(self, alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0,
                  loss_backend: Optional[str] = None, **base: Any):
         base.setdefault("warmup_epochs", 0)
         super().__init__(**base)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.loss_backend = loss_backend  # None: PCSEG_KD_LOSS_BACKEND / auto
 

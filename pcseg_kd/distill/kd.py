@@ -51,6 +51,8 @@ class KD(Distiller):
 
     def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True, **base: Any):
         super().__init__(**base)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.scale_by_t2 = scale_by_t2
 

@@ -29,7 +29,7 @@ class PSSMConfig:
     gate: str = "teacher"       # "teacher" | "student" | "both": whose correct prediction gives Ω = 1
     tau: float = 0.996          # threshold
     tau_scale: str = "cos"      # "cos": τ compares the raw cosine | "d": τ compares d = (cos+1)/2
-    below: float = 0.0          # Ω where the similarity is below τ (0: drop the row; 1: keep it)
+    below: float = 0.0          # Ω where the similarity is below τ, in [0, 1] (0: drop the row; 1: keep it)
     above: str = "d"            # Ω where the similarity is at/above τ: "d" or "1"
     detach: bool = True         # stop gradients through Ω (authors' code: False)
     temperature: float = 1.0    # softmax temperature when space == "probs"
@@ -40,6 +40,14 @@ class PSSMConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"pssm.{key} must be one of {allowed}, got {getattr(self, key)!r}")
+        for key, kinds in (("tau", (int, float)), ("below", (int, float)), ("temperature", (int, float)),
+                           ("detach", (bool,))):
+            value = getattr(self, key)
+            if not isinstance(value, kinds) or (kinds != (bool,) and isinstance(value, bool)):
+                raise ValueError(f"pssm.{key} must be {'a bool' if kinds == (bool,) else 'a number'}, "
+                                 f"got {value!r}")
+        if not 0.0 <= self.below <= 1.0:
+            raise ValueError(f"pssm.below must be in [0, 1], got {self.below}")
         if self.temperature <= 0:
             raise ValueError(f"pssm.temperature must be > 0, got {self.temperature}")
 
@@ -76,7 +84,10 @@ def pssm_weights_torch(student_logits: Tensor, teacher_logits: Tensor, target: T
                        preset: str = "reference", ignore_index: Optional[int] = None,
                        **overrides: Any) -> Tensor:
     """The PyTorch implementation of :func:`pssm_weights` (the reference semantics)."""
-    cfg = overrides.pop("config", None) or pssm_config(preset, **overrides)
+    cfg = overrides.pop("config", None)
+    if cfg is not None and overrides:
+        raise ValueError(f"pssm_weights: pass either config= or knob overrides, not both ({sorted(overrides)})")
+    cfg = cfg or pssm_config(preset, **overrides)
     s = student_logits.float() if student_logits.dtype in (torch.float16, torch.bfloat16) else student_logits
     t = teacher_logits.float() if teacher_logits.dtype in (torch.float16, torch.bfloat16) else teacher_logits
     if cfg.detach:

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ..config import ConfigError, atomic_write_text, load_config, save_config
+from ..config import CLI, ConfigError, atomic_write_text, load_config, provenance, save_config
 from .schema import ToyExperimentConfig
 
 
@@ -31,9 +31,44 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argpar
 
 
 def load_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Load and validate; then build every part once (task, models, distiller, optimiser
+    settings, seeds) so that a bad *value* fails here too, before any training."""
     import_all()
     cfg = load_config(path, overrides, schema=ToyExperimentConfig)
-    return OmegaConf.to_container(cfg, resolve=True)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    check_buildable(out, provenance(cfg))
+    return out
+
+
+def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
+    from ..distill.base import Distiller
+    from ..models.mlp import PlainMLP
+    from ..registry import DISTILLERS, TASKS
+    from .schema import OptimConfig, seed_list
+
+    def model(section):
+        kw = {k: v for k, v in section.items() if k != "type"}
+        return lambda: PlainMLP(2, 2, **kw)
+
+    checks = [("task", lambda: TASKS.build(cfg["task"])),
+              ("distiller", lambda: DISTILLERS.build(cfg["distiller"])),
+              ("model", model(cfg["model"])),
+              ("teacher", lambda: OptimConfig(**cfg["teacher"])),
+              ("student", lambda: OptimConfig(**cfg["student"])),
+              ("seeds", lambda: seed_list(cfg["seeds"]))]
+    if cfg.get("teacher_model"):
+        checks.append(("teacher_model", model(cfg["teacher_model"])))
+    errors = []
+    for key, build in checks:
+        try:
+            build()
+        except (ValueError, TypeError, KeyError) as e:
+            # the command line, if it touched this section, else the file that set its type/keys
+            sources = [prov[p] for p in prov if p == key or p.startswith(key + ".")]
+            where = CLI if CLI in sources else prov.get(f"{key}.type") or (sources[-1] if sources else "config")
+            errors.append(f"{where}: {key}: {e}")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def default_work_dir(config_path: str) -> Path:

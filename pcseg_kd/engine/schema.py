@@ -17,6 +17,15 @@ class OptimConfig:
     epochs: int = 1000
     batch_size: Optional[int] = None  # None: full batch (the authors' Gaussian and sklearn code)
 
+    def __post_init__(self):
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adam', got {self.optimizer!r}")
+        if not self.lr > 0 or self.epochs < 1 or self.weight_decay < 0 or not 0 <= self.momentum < 1:
+            raise ValueError(f"need lr > 0, epochs >= 1, weight_decay >= 0, 0 <= momentum < 1; got lr={self.lr}, "
+                             f"epochs={self.epochs}, weight_decay={self.weight_decay}, momentum={self.momentum}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1 or null (full batch), got {self.batch_size}")
+
 
 @dataclass
 class SeedConfig:
@@ -28,6 +37,8 @@ class SeedConfig:
 def seed_list(seeds: Dict[str, Any]) -> List[int]:
     """``values[:num]`` when a list is given (so ``seeds.num=3`` still means three seeds),
     else ``start .. start + num - 1``."""
+    if seeds["num"] < 1:
+        raise ValueError(f"seeds.num must be >= 1, got {seeds['num']}")
     if seeds.get("values"):
         return [int(s) for s in seeds["values"]][: seeds["num"]]
     return list(range(seeds["start"], seeds["start"] + seeds["num"]))

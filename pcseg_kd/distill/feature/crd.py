@@ -153,9 +153,9 @@ class CRD(Distiller):
             valid = valid.unsqueeze(0) if valid is not None else None
         if index.shape != f_s.shape[:-1]:
             index = index.expand(f_s.shape[:-1])
-        if int(index.min()) < 0 or int(index.max()) >= self.num_samples:
-            raise ValueError(f"crd: sample index out of range [0, {self.num_samples}): got "
-                             f"{int(index.min())}..{int(index.max())}")
+        # checked on the device (no host sync per step); a bad index fails at the next sync
+        torch._assert_async(((index >= 0) & (index < self.num_samples)).all(),
+                            f"crd: sample index out of range [0, {self.num_samples})")
         dtype = compute_dtype(f_s, f_t)
         e_s = l2_normalise(self.embed_s(f_s.to(dtype)))
         e_t = l2_normalise(self.embed_t(f_t.to(dtype)))

@@ -106,3 +106,35 @@ def test_registry_build_and_errors():
         reg.register_module("a", module=lambda: None)
     with pytest.raises(TypeError, match="'type' key"):
         reg.build({"x": 1})
+
+
+def test_delete_in_a_later_sibling_base(tmp_path):
+    write(tmp_path, "a.yaml", "distiller: {type: kd, temperature: 4}\n")
+    write(tmp_path, "b.yaml", "distiller: {_delete_: true, type: dkd, alpha: 2}\n")
+    c = write(tmp_path, "c.yaml", "_base_: [a.yaml, b.yaml]\n")
+    assert dict(load_config(c).distiller) == {"type": "dkd", "alpha": 2}
+
+
+def test_engine_injected_model_args_are_rejected():
+    with pytest.raises(ConfigError, match=r"model.in_dim: set by the engine"):
+        load_experiment(str(ROOT / "configs/gauss/kd.yaml"), ["model.in_dim=5"])
+
+
+@pytest.mark.parametrize("override,message", [
+    ("distiller.normalize=kep", "normalize must be 'batch' or 'kept'"),
+    ("distiller.pssm.tuo=0.9", "unknown PSSM option"),
+    ("distiller.pssm.preset=papr", "unknown PSSM preset"),
+    ("distiller.pssm.tau=high", "pssm.tau must be a number"),
+    ("distiller.pssm.detach=maybe", "pssm.detach must be a bool"),
+    ("distiller.pssm.below=2", r"pssm.below must be in \[0, 1\]"),
+    ("distiller.temperature=0", "temperature must be > 0"),
+    ("student.optimizer=adamw", "optimizer must be 'sgd' or 'adam'"),
+    ("teacher.epochs=0", "epochs >= 1"),
+    ("student.batch_size=0", "batch_size must be >= 1"),
+    ("seeds.num=0", "seeds.num must be >= 1"),
+    ("model.activation=gelu", "activation must be one of"),
+])
+def test_bad_values_fail_at_load_time_naming_the_source(override, message):
+    with pytest.raises(ConfigError, match=message) as e:
+        load_experiment(str(ROOT / "configs/sklearn/dkd_pssm.yaml"), [override])
+    assert "command line" in str(e.value)

@@ -245,6 +245,18 @@ def test_pssm_knobs():
         pssm_weights(s, t, y, tua=0.5)
 
 
+def test_pssm_tau_scale_distinguishes_cos_from_d():
+    # a wrong teacher whose output has cos = 0.997 with the student's: d = 0.9985
+    theta = math.acos(0.997)
+    t = torch.tensor([[3.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    s = 3.0 * torch.tensor([[math.cos(theta), math.sin(theta), 0.0, 0.0]], dtype=torch.float64)
+    y = torch.tensor([2])
+    on_cos = pssm_weights(s, t, y, tau=0.998, tau_scale="cos")   # 0.997 < 0.998: below -> 0
+    on_d = pssm_weights(s, t, y, tau=0.998, tau_scale="d")       # 0.9985 >= 0.998: d
+    assert on_cos.item() == 0.0
+    assert on_d.item() == pytest.approx(0.9985, abs=1e-9)
+
+
 def test_pssm_detach_controls_gradient():
     s, t, y = rand_case(n=64, c=4, seed=11)
     s = (t + 0.01 * s).requires_grad_(True)

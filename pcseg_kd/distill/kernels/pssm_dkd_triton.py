@@ -78,6 +78,23 @@ if HAVE_TRITON:
         return tl.where(u == 1.0, x, tl.log(u) * (x / (u - 1.0)))
 
     @triton.jit
+    def _masked_exp_lse(z, mask, neg_inf):
+        # exp(z - max) on the masked entries (exact 0 elsewhere), its row sum, and the logsumexp
+        m = tl.max(tl.where(mask, z, neg_inf), 1)
+        e = tl.where(mask, tl.exp(z - m[:, None]), 0.0)
+        total = tl.sum(e, 1)
+        return e, total, m + tl.log(total)
+
+    @triton.jit
+    def _decoupled_logprobs(z, is_gt, non_target, neg_inf):
+        # non-target logsumexp, then the full one by logaddexp with the target logit, so
+        # log p_gt and log(1 - p_gt) never go through log(1 - p)
+        z_gt = tl.sum(tl.where(is_gt, z, 0.0), 1)
+        e, total, lnt = _masked_exp_lse(z, non_target, neg_inf)
+        lse = tl.maximum(z_gt, lnt) + _log1p(tl.exp(-tl.abs(z_gt - lnt)))
+        return e, total, lnt, z_gt - lse, lnt - lse
+
+    @triton.jit
     def _fused_kernel(
         s_ptr, t_ptr, y_ptr, w_ptr, go_ptr,
         out_ptr, part_ptr, cnt_ptr, grad_ptr, gw_ptr,
@@ -164,24 +181,8 @@ if HAVE_TRITON:
             zs = xs * inv_t
             zt = xt * inv_t
             ntm = cmask[None, :] & (cols[None, :] != g[:, None])
-            # teacher: non-target logsumexp, then lse over all via logaddexp with the target logit
-            zt_g = tl.sum(tl.where(is_gt, zt, 0.0), 1)
-            mt = tl.max(tl.where(ntm, zt, neg_inf), 1)
-            et = tl.where(ntm, tl.exp(zt - mt[:, None]), 0.0)
-            st = tl.sum(et, 1)
-            lnt_t = mt + tl.log(st)
-            lse_t = tl.maximum(zt_g, lnt_t) + _log1p(tl.exp(-tl.abs(zt_g - lnt_t)))
-            lpt_gt = zt_g - lse_t
-            lpt_rest = lnt_t - lse_t
-            # student
-            zs_g = tl.sum(tl.where(is_gt, zs, 0.0), 1)
-            ms = tl.max(tl.where(ntm, zs, neg_inf), 1)
-            es = tl.where(ntm, tl.exp(zs - ms[:, None]), 0.0)
-            ss = tl.sum(es, 1)
-            lnt_s = ms + tl.log(ss)
-            lse_s = tl.maximum(zs_g, lnt_s) + _log1p(tl.exp(-tl.abs(zs_g - lnt_s)))
-            lps_gt = zs_g - lse_s
-            lps_rest = lnt_s - lse_s
+            et, st, lnt_t, lpt_gt, lpt_rest = _decoupled_logprobs(zt, is_gt, ntm, neg_inf)
+            es, ss, lnt_s, lps_gt, lps_rest = _decoupled_logprobs(zs, is_gt, ntm, neg_inf)
 
             pt_gt = tl.exp(lpt_gt)
             pt_rest = tl.exp(lpt_rest)
@@ -195,14 +196,8 @@ if HAVE_TRITON:
             # ---------------------------------------------------------------- KD
             zs = xs * (inv_t * lam)[:, None]
             zt = xt * (inv_t * lam)[:, None]
-            mt = tl.max(tl.where(cmask[None, :], zt, neg_inf), 1)
-            et = tl.where(cmask[None, :], tl.exp(zt - mt[:, None]), 0.0)
-            st = tl.sum(et, 1)
-            lse_t = mt + tl.log(st)
-            ms = tl.max(tl.where(cmask[None, :], zs, neg_inf), 1)
-            es = tl.where(cmask[None, :], tl.exp(zs - ms[:, None]), 0.0)
-            ss = tl.sum(es, 1)
-            lse_s = ms + tl.log(ss)
+            et, st, lse_t = _masked_exp_lse(zt, cmask[None, :], neg_inf)
+            es, ss, lse_s = _masked_exp_lse(zs, cmask[None, :], neg_inf)
             pt = et / st[:, None]
             if FWD or NEED_WGRAD:
                 dlog = (zt - lse_t[:, None]) - (zs - lse_s[:, None])

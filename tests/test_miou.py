@@ -1,0 +1,61 @@
+"""Segmentation IoU against a brute-force per-point count."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pcseg_kd.metrics import SegmentationIoU, confusion_matrix, iou_from_confusion
+
+
+def brute_force_iou(pred, labels, num_classes, ignore):
+    ious = []
+    for c in range(num_classes):
+        tp = fp = fn = 0
+        for p, l in zip(pred.tolist(), labels.tolist()):
+            if l == ignore:
+                continue
+            tp += p == c and l == c
+            fp += p == c and l != c
+            fn += p != c and l == c
+        ious.append(tp / (tp + fp + fn) if tp + fp + fn else math.nan)
+    return ious
+
+
+def test_matches_brute_force_over_batches():
+    g = torch.Generator().manual_seed(0)
+    metric = SegmentationIoU(num_classes=5, ignore_index=255)
+    all_p, all_l = [], []
+    for _ in range(3):
+        labels = torch.randint(0, 5, (400,), generator=g)
+        labels[torch.rand(400, generator=g) < 0.2] = 255
+        pred = torch.where(torch.rand(400, generator=g) < 0.6, labels.clamp(max=4), torch.randint(0, 5, (400,), generator=g))
+        metric.update(pred, {"labels": labels})
+        all_p.append(pred)
+        all_l.append(labels)
+    ref = brute_force_iou(torch.cat(all_p), torch.cat(all_l), 5, 255)
+    out = metric.compute()
+    np.testing.assert_allclose([out["iou"][str(c)] for c in range(5)], np.array(ref) * 100)
+    assert out["miou"] == pytest.approx(np.nanmean(ref) * 100)
+
+
+def test_absent_class_is_nan_and_excluded_from_mean():
+    pred = torch.tensor([0, 0, 1, 1])
+    labels = torch.tensor([0, 1, 1, 255])
+    iou = iou_from_confusion(confusion_matrix(pred, labels, 3))
+    assert math.isnan(iou[2]) and iou[0] == pytest.approx(0.5) and iou[1] == pytest.approx(0.5)
+    m = SegmentationIoU(3)
+    m.update(pred, labels)
+    assert m.compute()["miou"] == pytest.approx(50.0)
+
+
+def test_out_of_range_ids_are_not_aliased():
+    conf = confusion_matrix(torch.tensor([0, 7, 1]), torch.tensor([0, 1, 9]), 3, ignore_index=None)
+    assert int(conf.sum()) == 1 and int(conf[0, 0]) == 1
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="differ"):
+        confusion_matrix(torch.zeros(3), torch.zeros(4), 2)
+    with pytest.raises(RuntimeError, match="before any update"):
+        SegmentationIoU().compute()

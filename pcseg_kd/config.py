@@ -113,29 +113,23 @@ def parse_overrides(overrides: Iterable[str]) -> dict:
         raise ConfigError(f"{CLI}: cannot parse overrides {overrides}: {e}") from None
 
 
-def load_config(path: os.PathLike | str, overrides: Sequence[str] = (),
-                schema: Optional[type] = None) -> DictConfig:
+def load_config_with_provenance(path: os.PathLike | str, overrides: Sequence[str] = (),
+                                schema: Optional[type] = None) -> Tuple[DictConfig, Dict[str, str]]:
     """Load ``path`` with its bases and ``overrides``; validate against ``schema`` if given.
-
-    The returned config carries ``_provenance_`` (key path -> file) in its metadata,
-    available through :func:`provenance`.
-    """
+    Also returns, for every key path, the file (or "command line") that set it."""
     prov: Dict[str, str] = {}
     tree = _load_tree(Path(path), prov)
     _merge(tree, parse_overrides(overrides), CLI, prov)
     tree = _strip_markers(tree)
     if schema is not None:
         tree = validate(tree, schema, prov)
-    cfg = OmegaConf.create(tree)
-    _PROVENANCE[id(cfg)] = prov
-    return cfg
+    return OmegaConf.create(tree), prov
 
 
-_PROVENANCE: Dict[int, Dict[str, str]] = {}
-
-
-def provenance(cfg: DictConfig) -> Dict[str, str]:
-    return _PROVENANCE.get(id(cfg), {})
+def load_config(path: os.PathLike | str, overrides: Sequence[str] = (),
+                schema: Optional[type] = None) -> DictConfig:
+    """:func:`load_config_with_provenance` without the provenance."""
+    return load_config_with_provenance(path, overrides, schema)[0]
 
 
 def save_config(cfg: DictConfig | Mapping, path: os.PathLike | str) -> None:

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from pcseg_kd.config import ConfigError, load_config, provenance
+from pcseg_kd.config import ConfigError, load_config, load_config_with_provenance
 from pcseg_kd.engine.runner import load_experiment
 from pcseg_kd.registry import Registry
 
@@ -20,9 +20,8 @@ def write(tmp_path, name, text):
 def test_base_inheritance_and_overrides(tmp_path):
     write(tmp_path, "base.yaml", "a: 1\nb: {c: 2, d: 3}\n")
     child = write(tmp_path, "sub/child.yaml", "_base_: ../base.yaml\nb: {c: 5}\n")
-    cfg = load_config(child, ["b.d=7", "e=[1,2]"])
+    cfg, prov = load_config_with_provenance(child, ["b.d=7", "e=[1,2]"])
     assert cfg.a == 1 and cfg.b.c == 5 and cfg.b.d == 7 and list(cfg.e) == [1, 2]
-    prov = provenance(cfg)
     assert prov["a"].endswith("base.yaml") and prov["b.c"].endswith("child.yaml") and prov["b.d"] == "command line"
 
 

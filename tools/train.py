@@ -5,7 +5,6 @@
 
 Writes DIR/config.yaml (the resolved config) and DIR/metrics.json.
 """
-import json
 import sys
 from pathlib import Path
 

@@ -13,5 +13,5 @@ from .dkd_pssm import DKDPSSM, pssm_dkd_loss
 from . import feature  # noqa: F401  (FitNet, RKD, PKT, SP, CRD register themselves)
 
 __all__ = ["Distiller", "NoKD", "KD", "DKD", "KDPSSM", "DKDPSSM", "kd_loss", "dkd_loss", "dkd_terms",
-           "pssm_weights", "pssm_config", "PSSMConfig", "PSSM_PRESETS", "pssm_dkd_loss", "ce_rows",
+           "pssm_weights", "pssm_weights_torch", "pssm_config", "PSSMConfig", "PSSM_PRESETS", "pssm_dkd_loss", "ce_rows",
            "warmup_factor"]

@@ -7,7 +7,7 @@ its gradient stay finite for logits up to ±1e4, for p_gt -> 1 and for C = 2 (NC
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import torch
 from torch import Tensor

@@ -1,10 +1,9 @@
 """KD (Hinton et al., 2015): KL(softmax(t/T) || softmax(s/T)) * T^2."""
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..registry import DISTILLERS

@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence
 
 from omegaconf import OmegaConf
 
-from ..config import CLI, ConfigError, atomic_write_text, load_config, provenance, save_config
+from ..config import CLI, ConfigError, atomic_write_text, load_config_with_provenance, save_config
 from .schema import ToyExperimentConfig
 
 
@@ -34,14 +34,13 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Load and validate; then build every part once (task, models, distiller, optimiser
     settings, seeds) so that a bad *value* fails here too, before any training."""
     import_all()
-    cfg = load_config(path, overrides, schema=ToyExperimentConfig)
+    cfg, prov = load_config_with_provenance(path, overrides, schema=ToyExperimentConfig)
     out = OmegaConf.to_container(cfg, resolve=True)
-    check_buildable(out, provenance(cfg))
+    check_buildable(out, prov)
     return out
 
 
 def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
-    from ..distill.base import Distiller
     from ..models.mlp import PlainMLP
     from ..registry import DISTILLERS, TASKS
     from .schema import OptimConfig, seed_list
@@ -80,8 +79,4 @@ def write_json(path: os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def fail(err: Exception) -> None:
-    raise SystemExit(f"error: {err}")
-
-
-__all__ = ["parse_args", "load_experiment", "default_work_dir", "write_json", "save_config", "ConfigError", "fail"]
+__all__ = ["parse_args", "load_experiment", "default_work_dir", "write_json", "save_config", "ConfigError"]

@@ -8,7 +8,7 @@ no host sync; only :meth:`SegmentationIoU.compute` reads it back.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 from torch import Tensor

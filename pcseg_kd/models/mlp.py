@@ -11,7 +11,7 @@ logits themselves for a linear model (as the authors' feature distillers use the
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,7 @@ import math
 from typing import Any, Dict, Optional
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from ...registry import DISTILLERS
 from ..base import Distiller

@@ -15,7 +15,7 @@ Gradient (z = x / T, q = softmax over the non-target classes, b = [p_gt, p_rest]
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 from torch import Tensor

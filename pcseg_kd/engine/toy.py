@@ -117,7 +117,7 @@ def fit(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, seeds: Sequence[int]
     batches = EpochBatches(y.shape[-1], cfg.batch_size, seeds, x.device)
     full = batches.batch_size is None
     _freeze(teacher)
-    augment = task.augment if task is not None else (lambda v, *a: v)
+    augment = (task or ToyTask()).augment  # the base task's augment is the identity
     t_cached = None
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False):
         for rows in batches():
@@ -152,7 +152,7 @@ def fit_plain(model: PlainMLP, x: Tensor, y: Tensor, cfg: OptimConfig, seed: int
     opt = make_optimizer(params, cfg)
     batches = EpochBatches(y.shape[-1], cfg.batch_size, [seed], x.device)
     full = batches.batch_size is None
-    augment = task.augment if task is not None else (lambda v, *a: v)
+    augment = (task or ToyTask()).augment  # the base task's augment is the identity
     _freeze(teacher)
     for epoch in range(1, cfg.epochs + 1):
         for rows in batches():

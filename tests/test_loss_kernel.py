@@ -1,44 +1,52 @@
-"""Fused PSSM+DKD/KD loss: Triton kernel (under TRITON_INTERPRET=1 on CPU) and the torch
-backends against an independent float64 reference, gradients included, plus dispatch.
+"""Fused PSSM+DKD/KD loss: the Triton kernel and the torch backends against an independent
+float64 reference, gradients included, plus dispatch.
 
-The kernel tests are skipped, with the reason, when Triton cannot be imported; the torch
-backend tests always run. N stays small: the interpreter costs ~15 ms per program.
+The kernel runs on CUDA tensors where there is a GPU, else on CPU tensors under Triton's
+interpreter (``tests/conftest.py`` sets ``TRITON_INTERPRET=1`` before anything imports
+Triton). Kernel tests are skipped, with the reason, when Triton cannot be imported; the
+torch backend tests always run. N stays small: the interpreter costs ~15 ms per program.
 """
 from __future__ import annotations
 
-import importlib
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-_prev_interp = os.environ.get("TRITON_INTERPRET")
-os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit decorates the kernel
+from pcseg_kd.distill import dkd_loss, pssm_dkd_loss
+from pcseg_kd.distill.dkd import dkd_loss_torch
+from pcseg_kd.distill.kernels import dispatch
+from pcseg_kd.distill.kernels import pssm_dkd_triton as tk
+from pcseg_kd.distill.pssm import PSSMConfig, pssm_config
+from pcseg_kd.distill.pssm import pssm_weights as torch_pssm_weights
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
-from pcseg_kd.distill import dkd_loss, pssm_dkd_loss  # noqa: E402
-from pcseg_kd.distill.dkd import dkd_loss_torch  # noqa: E402
-from pcseg_kd.distill.kernels import dispatch  # noqa: E402
-from pcseg_kd.distill.kernels import pssm_dkd_triton as tk  # noqa: E402
-from pcseg_kd.distill.pssm import PSSMConfig, pssm_config  # noqa: E402
-from pcseg_kd.distill.pssm import pssm_weights as torch_pssm_weights  # noqa: E402
 
-if tk.HAVE_TRITON:
-    from triton.runtime.interpreter import InterpretedFunction
-    if not isinstance(tk._fused_kernel, InterpretedFunction):  # imported earlier without the env
-        importlib.reload(tk)
-if _prev_interp is None:
-    os.environ.pop("TRITON_INTERPRET")
-else:
-    os.environ["TRITON_INTERPRET"] = _prev_interp
+def _kernel_skip_reason():
+    if not tk.HAVE_TRITON:
+        return "triton is not installed: the Triton kernel cannot be tested (pip install 'pcseg_kd[triton]')"
+    if KERNEL_DEVICE.type == "cpu":
+        from triton.runtime.interpreter import InterpretedFunction
+        if not isinstance(tk._fused_kernel, InterpretedFunction):
+            return ("no GPU and the kernel was compiled without TRITON_INTERPRET=1 (set it before "
+                    "importing pcseg_kd's kernels; tests/conftest.py does)")
+    return None
 
-needs_triton = pytest.mark.skipif(not tk.HAVE_TRITON, reason="triton is not installed: the Triton "
-                                  "kernel cannot be tested (pip install 'pcseg_kd[triton]')")
+
+needs_triton = pytest.mark.skipif(_kernel_skip_reason() is not None, reason=str(_kernel_skip_reason()))
+
+
+def on_kernel_device(*tensors):
+    return tuple(None if x is None else x.to(KERNEL_DEVICE) for x in tensors)
+
+
+def device_for(backend):
+    """Where a test's inputs live: the kernel's device for "triton", the CPU otherwise."""
+    return KERNEL_DEVICE if backend == "triton" else torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def _interpret(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+def _fresh_backend_choice(monkeypatch):
     monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
     dispatch.set_loss_backend(None)
     yield
@@ -162,6 +170,8 @@ def make_rows(n=300, c=20, seed=0, scale=3.0, similar_every=3, ignore_every=7, d
 def run(backend, kind, s, t, y, reduction="batchmean", pssm=None, ignore_index=IGN, kd_apply="weight",
         weight=None, alpha=1.0, beta=8.0, temperature=4.0, go_seed=1, block_rows=BLOCK):
     """(loss, d loss·g / d student) for one backend; g is a fixed random cotangent."""
+    if backend == "triton":
+        s, t, y, weight = on_kernel_device(s, t, y, weight)
     s = s.detach().clone().requires_grad_()
     if backend == "triton":
         loss = dispatch.fused_distill_loss("triton", kind, s, t, y, alpha, beta, temperature, reduction,
@@ -170,8 +180,8 @@ def run(backend, kind, s, t, y, reduction="batchmean", pssm=None, ignore_index=I
         loss = dispatch.distill_loss(kind, s, t, y, alpha, beta, temperature, reduction, ignore_index,
                                      weight, pssm, kd_apply, backend=backend)
     g = torch.randn(loss.shape, generator=torch.Generator().manual_seed(go_seed), dtype=torch.float64)
-    (loss.double() * g).sum().backward()
-    return loss.detach(), s.grad
+    (loss.double() * g.to(loss.device)).sum().backward()
+    return loss.detach().cpu(), s.grad.cpu()
 
 
 def run64(kind, s, t, y, reduction="batchmean", pssm=None, ignore_index=IGN, kd_apply="weight",
@@ -236,7 +246,8 @@ def test_omega_kernel_matches_pssm_weights():
     for name, cfg in PSSMS.items():
         if cfg is None:
             continue
-        got = dispatch.pssm_weights(s, t, y, ignore_index=IGN, config=cfg, backend="triton")
+        got = dispatch.pssm_weights(*on_kernel_device(s, t, y), ignore_index=IGN, config=cfg,
+                                    backend="triton").cpu()
         want = torch_pssm_weights(s, t, y, config=cfg, ignore_index=IGN)
         om64, sim = omega64(s, t, y, cfg, IGN)
         assert near_threshold(sim, cfg) == 0
@@ -343,12 +354,14 @@ def test_half_precision_inputs(backend, dtype):
 def test_weight_gradient_and_undetached_omega(backend):
     s, t, y = make_rows(n=200)
     w = torch.rand(200, generator=torch.Generator().manual_seed(3)) + 0.5
+    dev = device_for(backend)
     # gradient w.r.t. a per-row weight
-    w1 = w.clone().requires_grad_()
-    s1 = s.clone().requires_grad_()
-    loss = dispatch.distill_loss("dkd", s1, t, y, 1.0, 8.0, 4.0, "batchmean", IGN, w1,
+    w1 = w.clone().to(dev).requires_grad_()
+    s1 = s.clone().to(dev).requires_grad_()
+    loss = dispatch.distill_loss("dkd", s1, t.to(dev), y.to(dev), 1.0, 8.0, 4.0, "batchmean", IGN, w1,
                                  pssm_config("reference"), backend=backend)
     loss.backward()
+    loss, w1, s1 = loss.cpu(), w1.cpu(), s1.cpu()
     w2 = w.double().requires_grad_()
     s2 = s.double().requires_grad_()
     want, _, _ = loss64("dkd", s2, t.double(), y, ignore_index=IGN, pssm=pssm_config("reference"), weight=w2)
@@ -362,14 +375,15 @@ def test_weight_gradient_and_undetached_omega(backend):
     t = t.clone()
     t[::3] = s[::3] + 0.05 * noise[::3] * s[::3].norm(dim=-1, keepdim=True) / 20 ** 0.5
     cfg = pssm_config("reference", detach=False)
-    s3 = s.clone().requires_grad_()
-    dispatch.distill_loss("dkd", s3, t, y, 1.0, 8.0, 4.0, "sum", IGN, None, cfg, backend=backend).backward()
+    s3 = s.clone().to(dev).requires_grad_()
+    dispatch.distill_loss("dkd", s3, t.to(dev), y.to(dev), 1.0, 8.0, 4.0, "sum", IGN, None, cfg,
+                          backend=backend).backward()
     s4 = s.clone().requires_grad_()
     dispatch.distill_loss("dkd", s4, t, y, 1.0, 8.0, 4.0, "sum", IGN, None, cfg, backend="reference").backward()
     s5 = s.clone().requires_grad_()
     dispatch.distill_loss("dkd", s5, t, y, 1.0, 8.0, 4.0, "sum", IGN, None, pssm_config("reference"),
                           backend="reference").backward()
-    assert_close(s3.grad, s4.grad)
+    assert_close(s3.grad.cpu(), s4.grad)
     assert (s4.grad - s5.grad).abs().max() > 1e-4  # the Ω gradient is really there
 
 
@@ -377,19 +391,20 @@ def test_weight_gradient_and_undetached_omega(backend):
 def test_leading_dims_and_public_functions(backend):
     s, t, y = make_rows(n=240)
     s3, t3, y3 = s.view(2, 120, 20), t.view(2, 120, 20), y.view(2, 120)
+    on = lambda *xs: [x.to(device_for(backend)) for x in xs]  # noqa: E731
     cfg = pssm_config("reference")
-    a = pssm_dkd_loss(s3, t3, y3, reduction="none", ignore_index=IGN, pssm=cfg, backend=backend)
+    a = pssm_dkd_loss(*on(s3, t3, y3), reduction="none", ignore_index=IGN, pssm=cfg, backend=backend).cpu()
     assert a.shape == (2, 120)
     b = pssm_dkd_loss(s3, t3, y3, reduction="none", ignore_index=IGN, pssm=cfg, backend="reference")
     assert_close(a, b)
-    c = dkd_loss(s3, t3, y3, 1.0, 8.0, 4.0, "batchmean", IGN, backend=backend)
+    c = dkd_loss(*on(s3, t3, y3), 1.0, 8.0, 4.0, "batchmean", IGN, backend=backend).cpu()
     d = dkd_loss_torch(s3, t3, y3, 1.0, 8.0, 4.0, "batchmean", IGN)
     assert_close(c, d)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float64_and_grad_teacher_fall_back(backend):
-    s, t, y = make_rows(n=64)
+    s, t, y = on_kernel_device(*make_rows(n=64)) if backend == "triton" else make_rows(n=64)
     s64, t64 = s.double().requires_grad_(), t.double()
     out = pssm_dkd_loss(s64, t64, y, reduction="batchmean", ignore_index=IGN, backend=backend)
     assert out.dtype == torch.float64
@@ -458,3 +473,61 @@ def test_compile_backend_matches_and_does_not_recompile():
     frames = counters["stats"]["unique_graphs"]
     # one forward graph and one backward graph; a new N must not add graphs
     assert frames <= 2, dict(counters["stats"])
+
+
+# ----------------------------------------------------------------------------- distillers
+DISTILLER_CASES = [  # (config, kind, kd_apply, pssm, normalize)
+    ({"type": "kd"}, "kd", "weight", None, "batch"),
+    ({"type": "kd_pssm"}, "kd", "logit_scale", pssm_config("reference"), "batch"),
+    ({"type": "kd_pssm", "apply": "weight", "normalize": "kept", "pssm": {"gate": "student"}},
+     "kd", "weight", pssm_config("reference", gate="student"), "kept"),
+    ({"type": "kd_pssm", "pssm": {"preset": "paper"}}, "kd", "logit_scale", pssm_config("paper"), "batch"),
+    ({"type": "dkd"}, "dkd", "weight", None, "batch"),
+    ({"type": "dkd_pssm"}, "dkd", "weight", pssm_config("reference"), "batch"),
+    ({"type": "dkd_pssm", "normalize": "kept", "pssm": {"gate": "both", "space": "probs", "temperature": 2.0}},
+     "dkd", "weight", pssm_config("reference", gate="both", space="probs", temperature=2.0), "kept"),
+]
+
+
+@pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton), "torch", "reference"])
+@pytest.mark.parametrize("case", DISTILLER_CASES, ids=lambda c: "-".join(f"{v}" for v in c[0].values()))
+def test_distillers_match_float64_on_every_backend(case, backend):
+    """A distiller's loss_kd over [2, N, C] (two seeds side by side, ignored rows) and its
+    student gradient, on each backend, against the float64 formula reduced per seed."""
+    cfg, kind, kd_apply, pssm, normalize = case
+    rows = [make_rows(n=150, seed=k) for k in (0, 1)]
+    s, t, y = (torch.stack([r[i] for r in rows]) for i in range(3))
+    dev = device_for(backend)
+    s_dev = s.to(dev).requires_grad_()
+    dist = pcseg_kd_build({**cfg, "ignore_index": IGN, "temperature": 2.0, "loss_backend": backend})
+    loss = dist(s_dev, t.to(dev), y.to(dev))["loss_kd"]
+    assert loss.shape == (2,)
+    g = torch.tensor([0.7, -1.3])
+    (loss * g.to(dev)).sum().backward()
+    loss, grad = loss.detach().cpu(), s_dev.grad.cpu()
+
+    s64 = s.detach().double().requires_grad_()
+    per_row, om, _ = loss64(kind, s64, t.double(), y, temperature=2.0, reduction="none", ignore_index=IGN,
+                            pssm=pssm, kd_apply=kd_apply)
+    valid = y != IGN
+    count = valid.sum(-1) if normalize == "batch" else ((om > 0) & valid).sum(-1)
+    want = per_row.sum(-1) / count.clamp_min(1)
+    (want * g.double()).sum().backward()
+    if pssm is not None:  # PSSM changes some rows and keeps others whole
+        assert (om[valid] < 1).any() and (om[valid] == 1).any()
+    if normalize == "kept":
+        assert (count < valid.sum(-1)).all()  # the two normalisations differ here
+    assert_close(loss, want.detach())
+    assert_close(grad, s64.grad)
+
+
+def pcseg_kd_build(cfg):
+    import pcseg_kd.distill  # noqa: F401
+    from pcseg_kd.registry import DISTILLERS
+    return DISTILLERS.build(cfg)
+
+
+def test_distiller_unknown_backend_fails_at_build():
+    for name in ("kd", "kd_pssm", "dkd", "dkd_pssm"):
+        with pytest.raises(ValueError, match="loss backend must be one of"):
+            pcseg_kd_build({"type": name, "loss_backend": "cuda"})

@@ -99,7 +99,8 @@ class DKD(Distiller):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
-        self.loss_backend = loss_backend  # None: PCSEG_KD_LOSS_BACKEND / auto
+        from .kernels.dispatch import check_backend  # lazy: importing pcseg_kd must not import triton
+        self.loss_backend = check_backend(loss_backend)  # None: PCSEG_KD_LOSS_BACKEND / auto
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:

@@ -6,9 +6,9 @@ from typing import Any, Dict, Optional
 from torch import Tensor
 
 from ..registry import DISTILLERS
-from .dkd import DKD, dkd_loss
-from .kd_pssm import pssm_row_count
-from .pssm import PSSMConfig, pssm_config, pssm_weights
+from .dkd import DKD
+from .kd_pssm import check_normalize, pssm_row_count
+from .pssm import PSSMConfig, pssm_config
 from .reduce import row_mean
 
 
@@ -32,20 +32,13 @@ class DKDPSSM(DKD):
         super().__init__(**dkd)
         pssm = dict(pssm or {})
         self.pssm = pssm_config(pssm.pop("preset", "reference"), **pssm)
-        if normalize not in ("batch", "kept"):
-            raise ValueError(f"dkd_pssm.normalize must be 'batch' or 'kept', got {normalize!r}")
-        self.normalize = normalize
+        self.normalize = check_normalize("dkd_pssm", normalize)
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
-        if self.normalize == "batch":
-            per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
-                                    self.temperature, "none", self.ignore_index, self.pssm,
-                                    backend=self.loss_backend)
-            return row_mean(per_row, valid)
-        omega = pssm_weights(student_logits, teacher_logits, target, config=self.pssm,
-                             ignore_index=self.ignore_index)
-        per_row = dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
-                           self.temperature, reduction="none", ignore_index=self.ignore_index, weight=omega,
-                           backend=self.loss_backend)
-        return row_mean(per_row, valid, pssm_row_count(omega, valid, "kept"))
+        per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
+                                self.temperature, "none", self.ignore_index, self.pssm,
+                                backend=self.loss_backend)
+        count = pssm_row_count(student_logits, teacher_logits, target, valid, self.pssm,
+                               self.normalize, self.ignore_index, self.loss_backend)
+        return row_mean(per_row, valid, count)

@@ -46,17 +46,29 @@ def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float =
 
 @DISTILLERS.register_module("kd")
 class KD(Distiller):
-    """CE + KD. Paper Eq. 4 with ce_weight = 1-λ, kd_weight = λ."""
+    """CE + KD. Paper Eq. 4 with ce_weight = 1-λ, kd_weight = λ.
 
-    def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True, **base: Any):
+    The per-row loss runs through the backend dispatch (``loss_backend``: None = env /
+    auto, the fused Triton kernel on CUDA), with :func:`kd_loss`'s semantics."""
+
+    def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True,
+                 loss_backend: Optional[str] = None, **base: Any):
         super().__init__(**base)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = temperature
         self.scale_by_t2 = scale_by_t2
+        from .kernels.dispatch import check_backend  # lazy: importing pcseg_kd must not import triton
+        self.loss_backend = check_backend(loss_backend)  # None: PCSEG_KD_LOSS_BACKEND / auto
+
+    def kd_rows(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
+                pssm=None, kd_apply: str = "weight") -> Tensor:
+        """Per-row KD (``[..., N]``, 0 on ignored rows), optionally PSSM-masked."""
+        from .kernels.dispatch import distill_loss
+        return distill_loss("kd", student_logits, teacher_logits, target, temperature=self.temperature,
+                            reduction="none", ignore_index=self.ignore_index, pssm=pssm,
+                            kd_apply=kd_apply, scale_by_t2=self.scale_by_t2, backend=self.loss_backend)
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
-        per_row = kd_loss(student_logits, teacher_logits, self.temperature, reduction="none",
-                          scale_by_t2=self.scale_by_t2)
-        return row_mean(per_row, valid)
+        return row_mean(self.kd_rows(student_logits, teacher_logits, target), valid)

@@ -6,19 +6,33 @@ from typing import Any, Dict, Optional
 from torch import Tensor
 
 from ..registry import DISTILLERS
-from .kd import KD, kd_loss
-from .pssm import pssm_config, pssm_weights
+from .kd import KD
+from .pssm import PSSMConfig, pssm_config, pssm_weights
 from .reduce import row_mean
 
+NORMALIZE = ("batch", "kept")
 
-def pssm_row_count(omega: Tensor, valid: Tensor, normalize: str) -> Optional[Tensor]:
-    """Denominator of the row mean: all valid rows ("batch", the authors') or only the
-    rows PSSM keeps ("kept")."""
+
+def pssm_row_count(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor,
+                   pssm: PSSMConfig, normalize: str, ignore_index: Optional[int] = None,
+                   backend: Optional[str] = None) -> Optional[Tensor]:
+    """Denominator of the row mean: all valid rows ("batch", the authors'; returns None) or
+    only the rows PSSM keeps, Ω > 0 ("kept"; a device tensor ``[...]``, no gradient)."""
     if normalize == "batch":
         return None
-    if normalize == "kept":
-        return ((omega > 0) & valid).sum(-1)
-    raise ValueError(f"normalize must be 'batch' or 'kept', got {normalize!r}")
+    if normalize != "kept":
+        raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    # Ω is computed again here (the fused loss computes its own): one extra read of both
+    # logits, cheaper than materialising Ω for the loss on the kernel path
+    omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=pssm,
+                         ignore_index=ignore_index, backend=backend)
+    return ((omega > 0) & valid).sum(-1)
+
+
+def check_normalize(name: str, normalize: str) -> str:
+    if normalize not in NORMALIZE:
+        raise ValueError(f"{name}.normalize must be 'batch' or 'kept', got {normalize!r}")
+    return normalize
 
 
 @DISTILLERS.register_module("kd_pssm")
@@ -30,15 +44,11 @@ class KDPSSM(KD):
         self.pssm = pssm_config(pssm.pop("preset", "reference"), **pssm)
         if apply not in ("logit_scale", "weight"):
             raise ValueError(f"kd_pssm.apply must be 'logit_scale' or 'weight', got {apply!r}")
-        if normalize not in ("batch", "kept"):
-            raise ValueError(f"kd_pssm.normalize must be 'batch' or 'kept', got {normalize!r}")
-        self.apply, self.normalize = apply, normalize
+        self.apply, self.normalize = apply, check_normalize("kd_pssm", normalize)
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
-        omega = pssm_weights(student_logits, teacher_logits, target, config=self.pssm,
-                             ignore_index=self.ignore_index)
-        kw = {"logit_scale": omega} if self.apply == "logit_scale" else {"weight": omega}
-        per_row = kd_loss(student_logits, teacher_logits, self.temperature, reduction="none",
-                          scale_by_t2=self.scale_by_t2, **kw)
-        return row_mean(per_row, valid, pssm_row_count(omega, valid, self.normalize))
+        per_row = self.kd_rows(student_logits, teacher_logits, target, self.pssm, self.apply)
+        count = pssm_row_count(student_logits, teacher_logits, target, valid, self.pssm,
+                               self.normalize, self.ignore_index, self.loss_backend)
+        return row_mean(per_row, valid, count)

@@ -180,8 +180,12 @@ class CRD(Distiller):
         return loss.squeeze(0) if single else loss
 
     def _set_normalisers(self, e_s: Tensor, e_t: Tensor, rows_s: Tensor, rows_t: Tensor, w: Tensor) -> None:
-        """Z = mean raw score (valid rows) × n_data, once per model, as RepDistiller does."""
-        if self._z_ready or not bool((self.z_s < 0).any() or (self.z_t < 0).any()):
+        """Z = mean raw score (valid rows) × n_data, once per model, as RepDistiller does.
+
+        Sync-free: the update only fills models whose Z is unset (< 0; loaded ones are kept)
+        and scores are positive, so after one training batch every Z is set and the Python
+        flag can say so without reading the buffers."""
+        if self._z_ready:
             return
         with torch.no_grad():
             count = (w.sum(-1) * rows_s.shape[-2]).clamp_min(1.0)
@@ -191,3 +195,4 @@ class CRD(Distiller):
             z_t = raw_t.sum((-1, -2)) / count * self.num_samples
             self.z_s.copy_(torch.where(self.z_s < 0, z_s.to(self.z_s.dtype), self.z_s))
             self.z_t.copy_(torch.where(self.z_t < 0, z_t.to(self.z_t.dtype), self.z_t))
+        self._z_ready = True

@@ -51,6 +51,11 @@ def _check_name(name: str) -> str:
     return name
 
 
+def check_backend(name: Optional[str]) -> Optional[str]:
+    """A distiller's ``loss_backend`` option: None (env / auto) or a known name."""
+    return None if name is None else _check_name(name)
+
+
 def set_loss_backend(name: Optional[str]) -> None:
     """Process-wide choice (``None`` returns to the env var / ``auto``)."""
     global _override

@@ -24,10 +24,12 @@ end come from the table above them.
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
 import time
+from contextlib import redirect_stdout
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
@@ -149,9 +151,34 @@ def bench_impls(fns, s, t, y, repeats, warmup, timer):
     return {k: v for k, v in out.items() if k in live}, failed
 
 
+def cuda_steady(step, repeats, min_span_s=2e-3):
+    """Seconds per call of ``step()`` run back to back between two CUDA events, with no host
+    sync inside the span (what a training loop sees once the launch queue is full): the
+    median-ready list over ``repeats`` spans, each long enough (>= ``min_span_s``) that event
+    resolution and the one sync at its end do not matter."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    step()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    step()
+    torch.cuda.synchronize()
+    inner = max(5, min(10000, int(min_span_s / max(time.perf_counter() - t0, 1e-7))))
+    out = []
+    for _ in range(repeats):
+        start.record()
+        for _ in range(inner):
+            step()
+        end.record()
+        end.synchronize()
+        out.append(start.elapsed_time(end) * 1e-3 / inner)
+    return out
+
+
 def bench_copy(nbytes, device, repeats, timer):
     src = torch.empty(max(1, nbytes // 2), dtype=torch.uint8, device=device).fill_(1)
     dst = torch.empty_like(src)
+    if device.type == "cuda":
+        return cuda_steady(lambda: dst.copy_(src), repeats)
     out = []
     for i in range(repeats + 2):
         t0 = timer.now()
@@ -160,6 +187,59 @@ def bench_copy(nbytes, device, repeats, timer):
         if i >= 2:
             out.append(t1 - t0)
     return out  # a copy of nbytes/2 reads and writes nbytes in all
+
+
+def fwd_bwd_step(fn, s, t, y):
+    def step():
+        s.grad = None
+        fn(s, t, y).backward()
+    return step
+
+
+def triton_kernel_steps(s, t, y, block_rows):
+    """The two kernel launches of the Triton path alone (forward with per-program partial
+    sums, backward writing the gradient), and the forward alone: device time without
+    autograd or the tiny torch ops around them."""
+    from pcseg_kd.distill.kernels import dispatch
+    from pcseg_kd.distill.kernels import pssm_dkd_triton as tk
+    p = dispatch._params("dkd", ALPHA, BETA, T, IGNORE, pssm_config("reference"), "weight", True)
+    s2, t2 = s.detach(), t.detach()
+    go = torch.ones(1, device=s.device, dtype=torch.float32)
+
+    def fwd():
+        tk._launch(s2, t2, y, None, p, fwd=True, reduce=True, bwd=False, block_rows=block_rows)
+
+    def both():
+        fwd()
+        tk._launch(s2, t2, y, None, p, fwd=False, reduce=False, bwd=True, go=go, block_rows=block_rows)
+    return fwd, both
+
+
+def cuda_steady_report(impls, fns, s, t, y, n, dname, copy, read_copy, repeats, blocks, summary):
+    """Rows of the steady-state table for one (N, dtype); fills ``summary``."""
+    for impl in impls:
+        try:
+            xs = cuda_steady(fwd_bwd_step(fns[impl], s, t, y), repeats)
+        except Exception as e:  # noqa: BLE001 - report and go on: one broken path must not hide the rest
+            print(f"{n:>8} {dname:>5} {impl:>16} | failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        med = statistics.median(xs)
+        summary[(n, dname, impl)] = med
+        print(f"{n:>8} {dname:>5} {impl:>16} | {fmt_ms(xs):>22} | {med / copy:7.2f} {100 * copy / med:5.1f}")
+    if "triton" not in impls:
+        return
+    for br in blocks:
+        try:
+            fwd, both = triton_kernel_steps(s, t, y, br)
+            xb, xf = cuda_steady(both, repeats), cuda_steady(fwd, repeats)
+        except Exception as e:  # noqa: BLE001
+            print(f"{n:>8} {dname:>5} {'kernels BR=' + str(br):>16} | failed: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        mb, mf = statistics.median(xb), statistics.median(xf)
+        summary[(n, dname, f"kernels BR={br}")] = mb
+        print(f"{n:>8} {dname:>5} {'kernels BR=' + str(br):>16} | {fmt_ms(xb):>22} | {mb / copy:7.2f} "
+              f"{100 * copy / mb:5.1f} | forward kernel alone {fmt_ms(xf).strip()}: "
+              f"{mf / read_copy:.2f}x the read-only floor")
 
 
 def check_no_sync(fn, s, t, y):
@@ -199,6 +279,9 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=None, help="untimed runs (default 3 on CUDA, 1 on CPU)")
     ap.add_argument("--device", default="auto", help="cuda | cpu | auto")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads on CPU")
+    ap.add_argument("--triton-blocks", nargs="+", type=int, default=[16, 32, 64],
+                    help="CUDA: rows per Triton program to time the kernels with (default 16 32 64; "
+                         "the library's default is 1024 elements per program, 32 rows at C = 20)")
     args = ap.parse_args(argv)
 
     device = torch.device("cuda" if (args.device == "auto" and torch.cuda.is_available()) else
@@ -216,7 +299,7 @@ def main(argv=None):
           f"batchmean; {repeats} timed runs after {warmup} warm-up; ms median [min-max]")
     print(f"{'N':>8} {'dtype':>5} {'impl':>9} | {'forward':>22} | {'backward':>22} | {'fwd+bwd':>22} | "
           f"{'x floor':>7} {'BW %':>5} | {'vs naive':>8} | host sync")
-    results = {}
+    results, steady, steady_rows, floors = {}, {}, [], {}
     for size in args.sizes:
         n = int(float(size))
         for dname in args.dtypes:
@@ -228,6 +311,8 @@ def main(argv=None):
             print(f"{n:>8} {dname:>5} {'copy':>9} | {'':>22} | {'':>22} | {fmt_ms([copy]):>22} | "
                   f"{1.0:7.2f} {100.0:5.0f} | {'':>8} | ({nbytes / 1e6:.0f} MB moved, "
                   f"{nbytes / copy / 1e9:.0f} GB/s)")
+            read_bytes = n * args.classes * elt * 2 + n * y.element_size()  # forward: read s, t, y
+            read_copy = statistics.median(bench_copy(read_bytes, device, max(repeats, 20), timer)) if cuda else None
             fns = {impl: impl_fn(impl) for impl in impls}
             res, failed = bench_impls(fns, s, t, y, repeats, warmup, timer)
             ref_loss = None
@@ -246,12 +331,25 @@ def main(argv=None):
                 print(f"{n:>8} {dname:>5} {impl:>9} | {fmt_ms(fw):>22} | {fmt_ms(bw):>22} | {fmt_ms(fb):>22} | "
                       f"{med / copy:7.2f} {100 * copy / med:5.1f} | "
                       f"{(naive / med if naive else float('nan')):7.2f}x | {sync}; loss rel.diff {agree:.1e}")
-            if cuda:
+            if cuda:  # printed after the main table, as a second table
+                floors[(n, dname)] = copy
+                buf = io.StringIO()
+                with redirect_stdout(buf):
+                    cuda_steady_report(impls, fns, s, t, y, n, dname, copy, read_copy, repeats,
+                                       args.triton_blocks, steady)
+                steady_rows.append(buf.getvalue())
                 torch.cuda.empty_cache()
             del s, t, y
             if cuda:
                 torch.cuda.empty_cache()
 
+    if cuda:
+        print("\n# CUDA steady state: seconds per fwd+bwd step with steps run back to back between two "
+              "CUDA events (no host sync inside); x floor / BW % against the same copy, event-timed. "
+              "'kernels BR=b' = the Triton path's two kernel launches alone with b rows per program")
+        print(f"{'N':>8} {'dtype':>5} {'impl':>16} | {'fwd+bwd per step':>22} | {'x floor':>7} {'BW %':>5}")
+        for block in steady_rows:
+            print(block, end="")
     print("\n# ratios (fwd+bwd medians from the table above)")
     for (n, dname, impl), med in sorted(results.items()):
         if impl == "naive":
@@ -264,6 +362,22 @@ def main(argv=None):
         if eager and impl != "eager":
             parts.append(f"{eager / med:5.2f}x faster than eager")
         print("  " + "  ".join(parts))
+    if cuda:
+        for n in sorted({k[0] for k in steady}):
+            for dname in args.dtypes:
+                tri, eager = steady.get((n, dname, "triton")), steady.get((n, dname, "eager"))
+                kern = {k[2]: v for k, v in steady.items() if k[:2] == (n, dname) and k[2].startswith("kernels")}
+                if tri is None:
+                    continue
+                floor = floors[(n, dname)]
+                parts = [f"  GPU N={n:.0e} {dname}: triton fwd+bwd {tri * 1e6:.1f} us = "
+                         f"{tri / floor:.2f}x the copy floor {floor * 1e6:.1f} us (target <= 2)"]
+                if eager:
+                    parts.append(f"{eager / tri:.2f}x faster than eager (target >= 5)")
+                if kern:
+                    best = min(kern, key=kern.get)
+                    parts.append(f"best {best} {kern[best] * 1e6:.1f} us = {kern[best] / floor:.2f}x floor")
+                print("; ".join(parts))
     if not cuda:
         for n in sorted({k[0] for k in results}):
             for dname in args.dtypes:

@@ -204,6 +204,8 @@ def _type_ok(value: Any, ann: Any) -> bool:
 
 
 def _type_name(ann: Any) -> str:
+    if typing.get_origin(ann) is not None:  # Optional[List[str]] -> "Optional[List[str]]", not "Optional"
+        return str(ann).replace("typing.", "").replace("NoneType", "None")
     return getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
 
 

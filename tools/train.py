@@ -1,21 +1,57 @@
 #!/usr/bin/env python
-"""Run one setting (teacher, no-KD baseline, KD student) over all its seeds.
+"""Train what a config describes.
 
-    python tools/train.py configs/sklearn/dkd_pssm.yaml [key=value ...] [--work-dir DIR]
+    python tools/train.py configs/kitti/quickstart.yaml              # SemanticKITTI, synthetic default
+    python tools/train.py configs/kitti_fusion_pssm.yaml [key=value ...] [--work-dir DIR]
+    torchrun --nproc_per_node=8 tools/train.py configs/kitti_fusion_pssm.yaml
+    python tools/train.py configs/sklearn/dkd_pssm.yaml              # a small task: all its seeds
 
-Writes DIR/config.yaml (the resolved config) and DIR/metrics.json.
+SemanticKITTI (``experiment: semantickitti``): runs the stages (teacher, then the distilled
+student) into DIR/<stage>/ (checkpoints, log.jsonl, metrics.json); rerunning resumes a
+killed stage and skips finished ones. Small tasks: teacher, no-KD baseline and KD student
+for every seed. Both write DIR/config.yaml (the resolved config) and DIR/metrics.json.
 """
+import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcseg_kd.config import ConfigError  # noqa: E402
-from pcseg_kd.engine.runner import default_work_dir, load_experiment, parse_args, save_config, write_json  # noqa: E402
+from pcseg_kd.engine.runner import (default_work_dir, experiment_kind, load_experiment,  # noqa: E402
+                                    load_kitti_experiment, parse_args, save_config, write_json)
 
 
-def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0] if __doc__ else "", argv)
+def run_kitti(args):
+    from pcseg_kd.data.kitti.errors import KittiDataError
+    from pcseg_kd.engine.distributed import cleanup, init_distributed
+    from pcseg_kd.engine.kitti import run_kitti as run
+
+    try:
+        cfg = load_kitti_experiment(args.config, args.overrides)
+    except (ConfigError, KeyError, ValueError, TypeError) as e:
+        raise SystemExit(f"error: {e}")
+    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
+    env = init_distributed(cfg["device"])
+    try:
+        if env.is_main:
+            work_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, work_dir / "config.yaml")
+        try:
+            results = run(cfg, work_dir, env, progress=not args.no_progress)
+        except (KittiDataError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        if env.is_main:
+            summary = {stage: {k: round(v["miou"], 2) for k, v in m.items()} for stage, m in results.items()}
+            write_json(work_dir / "metrics.json", results)
+            print(f"{cfg.get('name') or args.config}: val mIoU {json.dumps(summary)}")
+            print(f"wrote {work_dir / 'metrics.json'}")
+        return results
+    finally:
+        cleanup(env)
+
+
+def run_toy(args):
     try:
         cfg = load_experiment(args.config, args.overrides)
     except (ConfigError, KeyError, ValueError, TypeError) as e:
@@ -34,6 +70,15 @@ def main(argv=None):
           f"output CMD {m['output_cmd']:.3f} | {m['n_seeds']} seeds, {m['seconds']:.1f}s")
     print(f"wrote {work_dir / 'metrics.json'}")
     return m
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0] if __doc__ else "", argv)
+    try:
+        kind = experiment_kind(args.config, args.overrides)
+    except (ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    return run_kitti(args) if kind == "semantickitti" else run_toy(args)
 
 
 if __name__ == "__main__":

@@ -61,11 +61,23 @@ class Distiller(nn.Module):
                 valid: Tensor, **extras: Any) -> Tensor:
         raise NotImplementedError
 
+    @property
+    def has_kd(self) -> bool:
+        return bool(self.kd_weight) and type(self).kd_term is not Distiller.kd_term
+
+    def kd_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 1,
+                **extras: Any) -> Tensor:
+        """``kd_weight · warm-up · kd_term`` alone, reduced over the rows: what SemanticKITTI
+        adds on the in-view points while its cross entropy covers every point."""
+        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
+        scale = self.kd_weight * warmup_factor(epoch, self.warmup_epochs)
+        return scale * self.kd_term(student_logits, teacher_logits.detach(), target, valid, **extras)
+
     def forward(self, student_logits: Tensor, teacher_logits: Optional[Tensor], target: Tensor,
                 epoch: int = 1, **extras: Any) -> Dict[str, Tensor]:
         ce, valid = ce_rows(student_logits, target, self.ignore_index)
         losses = {"loss_ce": self.ce_weight * row_mean(ce, valid)}
-        if self.kd_weight and teacher_logits is not None and type(self).kd_term is not Distiller.kd_term:
+        if self.has_kd and teacher_logits is not None:
             scale = self.kd_weight * warmup_factor(epoch, self.warmup_epochs)
             losses["loss_kd"] = scale * self.kd_term(student_logits, teacher_logits.detach(), target,
                                                      valid, **extras)

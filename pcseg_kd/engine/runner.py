@@ -27,7 +27,7 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argpar
     p.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--force", action="store_true", help="recompute results that are already in the work dir")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # options may come before, between or after overrides
 
 
 def load_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -38,6 +38,51 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     out = OmegaConf.to_container(cfg, resolve=True)
     check_buildable(out, prov)
     return out
+
+
+def experiment_kind(path: str, overrides: Sequence[str] = ()) -> str:
+    """"semantickitti" for configs that say ``experiment: semantickitti``, else "toy"."""
+    from ..config import load_config
+    return str(load_config(path, overrides).get("experiment") or "toy")
+
+
+def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Load and validate a SemanticKITTI experiment; build its models, distiller and optimiser
+    settings once so that a bad value fails before any data is read or generated."""
+    from .kitti_schema import STAGES, KittiExperimentConfig, KittiOptimConfig
+    from ..registry import DISTILLERS, MODELS
+
+    import_all()
+    cfg, prov = load_config_with_provenance(path, overrides, schema=KittiExperimentConfig)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    checks = [("student.model", lambda: MODELS.build(out["student"]["model"])),
+              ("student.optim", lambda: KittiOptimConfig(**out["student"]["optim"])),
+              ("distiller", lambda: DISTILLERS.build(out["distiller"]))]
+    if "teacher" in out["stages"] and not out.get("teacher_checkpoint"):
+        checks += [("teacher.model", lambda: MODELS.build(out["teacher"]["model"])),
+                   ("teacher.optim", lambda: KittiOptimConfig(**out["teacher"]["optim"]))]
+
+    def stages():
+        bad = [s for s in out["stages"] if s not in STAGES]
+        if bad or not out["stages"]:
+            raise ValueError(f"must be a non-empty list of {list(STAGES)}, got {out['stages']}")
+    checks.append(("stages", stages))
+    _run_checks(checks, prov)
+    return out
+
+
+def _run_checks(checks, prov: Dict[str, str]) -> None:
+    errors = []
+    for key, build in checks:
+        try:
+            build()
+        except (ValueError, TypeError, KeyError) as e:
+            # the command line, if it touched this section, else the file that set its type/keys
+            sources = [prov[p] for p in prov if p == key or p.startswith(key + ".")]
+            where = CLI if CLI in sources else prov.get(f"{key}.type") or (sources[-1] if sources else "config")
+            errors.append(f"{where}: {key}: {e}")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
 
 
 def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
@@ -57,17 +102,7 @@ def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
               ("seeds", lambda: seed_list(cfg["seeds"]))]
     if cfg.get("teacher_model"):
         checks.append(("teacher_model", model(cfg["teacher_model"])))
-    errors = []
-    for key, build in checks:
-        try:
-            build()
-        except (ValueError, TypeError, KeyError) as e:
-            # the command line, if it touched this section, else the file that set its type/keys
-            sources = [prov[p] for p in prov if p == key or p.startswith(key + ".")]
-            where = CLI if CLI in sources else prov.get(f"{key}.type") or (sources[-1] if sources else "config")
-            errors.append(f"{where}: {key}: {e}")
-    if errors:
-        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    _run_checks(checks, prov)
 
 
 def default_work_dir(config_path: str) -> Path:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 import numpy as np
 import torch
@@ -50,7 +50,7 @@ class SemanticKITTIDataset(Dataset):
         require_in_view: with ``load_image``, a scan with no point in the image is bad.
     """
 
-    def __init__(self, root: str, split: str = "train", sequences: Optional[List[str]] = None,
+    def __init__(self, root: str, split: str = "train", sequences: Optional[List[Union[str, int]]] = None,
                  split_sequences: Optional[Dict[str, Any]] = None, label_map_file: Optional[str] = None,
                  ignore_index: int = DEFAULT_IGNORE_INDEX, unknown_labels: str = "error",
                  load_labels: Optional[bool] = None, load_image: bool = True, camera: str = "P2",

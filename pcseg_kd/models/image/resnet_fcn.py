@@ -74,6 +74,8 @@ class ResNetEncoder(nn.Module):
 
 @MODELS.register_module("resnet_fcn")
 class ResNetFCN(nn.Module):
+    rows = "in_view"  # what the rows of ``logits`` are (the engine pairs student and teacher rows by it)
+
     def __init__(self, num_classes: int = 19, in_channels: int = 3,
                  widths: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),
                  decoder_channels: int = 128, out_stride: int = 4):

@@ -69,6 +69,8 @@ class BasicBlock(_SparseModule):
 @MODELS.register_module("spunet")
 class SpUNet(nn.Module):
     """Sparse U-Net over voxels; see the module docstring for the batch contract."""
+    rows = "points"  # what the rows of ``logits`` are (the engine pairs student and teacher rows by it)
+
 
     def __init__(self, in_channels: int = 7, num_classes: int = 19, base_channels: int = 32,
                  channels: Sequence[int] = (32, 64, 128, 256, 256, 128, 96, 96),

@@ -1,0 +1,406 @@
+"""SemanticKITTI training: the teacher stage, the distillation stage, and validation mIoU.
+
+One code path for one process and for ``torchrun`` (DDP, one process per device). Each
+stage writes ``WORK/<stage>/``: ``last.pt`` (atomic, every epoch and every
+``checkpoint_interval`` steps; a killed run resumes from it, mid-epoch included),
+``final.pt`` (the trained model, what the student stage loads as its teacher),
+``log.jsonl`` (losses at ``log_interval``, validations) and ``metrics.json``. A finished
+stage is skipped when the experiment is run again.
+
+Rows: a model's ``logits`` cover either every point (``rows = "points"``: the student) or
+the in-view points in ``img_point_idx`` order (``rows = "in_view"``: image and fusion
+teachers). The student's loss is ``ce_weight · CE`` over every labelled point plus the
+distiller's KD term over the in-view points, where the teacher speaks.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Sampler
+
+from ..config import atomic_write_text
+from ..distill.base import ce_rows
+from ..distill.reduce import row_mean
+from ..metrics.miou import SegmentationIoU
+from ..registry import DATASETS, DISTILLERS, MODELS
+from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from .distributed import DistEnv, all_reduce_sum, barrier
+
+HEAD_ROWS = {"point_logits": "points", "image_logits": "in_view"}  # other heads of a teacher's output
+
+
+# ----------------------------------------------------------------------------- data
+def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any]], env: DistEnv) -> None:
+    """The embedded default: write a synthetic dataset at a root that has no ``sequences/``,
+    only when the config asks for it (``data.synthetic``); rank 0 writes, the others wait."""
+    if not spec:
+        return
+    from ..data.kitti.synthetic.generate import SyntheticConfig, generate_dataset
+    from ..data.kitti.synthetic.lidar import LidarModel
+
+    spec = dict(spec)
+    sequences = [str(s) for s in spec.pop("sequences", ["00", "08"])]
+    lidar = LidarModel(**spec.pop("lidar", {}))
+    for root in dict.fromkeys(roots):
+        if env.is_main and not (Path(root) / "sequences").is_dir():
+            print(f"data.synthetic: {root} has no sequences/, generating a synthetic SemanticKITTI "
+                  f"({', '.join(sequences)}) there", flush=True)
+            generate_dataset(root, sequences, SyntheticConfig(lidar=lidar, **spec), progress=True)
+    barrier(env)
+
+
+class ShardedBatchSampler(Sampler):
+    """Batches of indices for one rank: a permutation drawn from ``(seed, epoch)`` (so it is
+    the same on every rank and after a resume), the rank's share of it, ``start`` batches
+    skipped (mid-epoch resume). ``drop_last`` gives every rank the same number of batches."""
+
+    def __init__(self, n: int, batch_size: int, shuffle: bool, seed: int, env: DistEnv, drop_last: bool):
+        self.n, self.batch_size, self.shuffle, self.seed = n, batch_size, shuffle, seed
+        self.rank, self.world, self.drop_last = env.rank, env.world_size, drop_last
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed * 100003 + self.epoch)
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        return order[self.rank::self.world]
+
+    def full_length(self) -> int:
+        per_rank = self.n // self.world if self.drop_last else -(-(self.n - self.rank) // self.world)
+        return per_rank // self.batch_size if self.drop_last else -(-per_rank // self.batch_size)
+
+    def __len__(self) -> int:
+        return max(0, self.full_length() - self.start)
+
+    def __iter__(self) -> Iterator[List[int]]:
+        idx = self._indices()
+        if self.drop_last:
+            idx = idx[: (self.n // self.world) // self.batch_size * self.batch_size]
+        batches = [idx[i:i + self.batch_size] for i in range(0, len(idx), self.batch_size)]
+        return iter(batches[self.start:])
+
+
+def make_loader(ds, sampler: ShardedBatchSampler, num_workers: int, device: torch.device) -> DataLoader:
+    from ..data.kitti.collate import collate_kitti
+    return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_kitti, num_workers=num_workers,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- losses
+def rows_of(model: nn.Module) -> str:
+    rows = getattr(model, "rows", None)
+    if rows not in ("points", "in_view"):
+        raise ValueError(f"model {type(model).__name__} does not say which rows its logits cover "
+                         "(class attribute rows = 'points' or 'in_view')")
+    return rows
+
+
+def in_view(x: Tensor, rows: str, batch: Dict[str, Any]) -> Tensor:
+    """The in-view rows of a per-point (``rows = "points"``) or in-view output."""
+    return x[batch["img_point_idx"]] if rows == "points" else x
+
+
+def labels_for(rows: str, batch: Dict[str, Any]) -> Tensor:
+    return batch["labels"] if rows == "points" else batch["labels"][batch["img_point_idx"]]
+
+
+def ce_mean(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
+    ce, valid = ce_rows(logits, labels, ignore_index)
+    return row_mean(ce, valid)
+
+
+def teacher_loss(model: nn.Module, out: Dict[str, Tensor], batch: Dict[str, Any], weights: Dict[str, float],
+                 ignore_index: int) -> Dict[str, Tensor]:
+    """Cross entropy on every head the teacher returns (``logits`` and, for the fusion
+    teacher, ``point_logits`` / ``image_logits``), each weighted by ``loss_weights``."""
+    losses = {}
+    for head in ("logits",) + tuple(HEAD_ROWS):
+        if head in out:
+            rows = rows_of(model) if head == "logits" else HEAD_ROWS[head]
+            losses[f"loss_{head}"] = weights.get(head, 1.0) * ce_mean(out[head], labels_for(rows, batch), ignore_index)
+    return losses
+
+
+def student_loss(distiller, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, Tensor]], s_rows: str,
+                 t_rows: str, batch: Dict[str, Any], epoch: int) -> Dict[str, Tensor]:
+    losses = {"loss_ce": distiller.ce_weight * ce_mean(s_out["logits"], labels_for(s_rows, batch),
+                                                       distiller.ignore_index)}
+    if t_out is not None and distiller.has_kd:
+        extras = {}
+        if "feats" in s_out and "feats" in t_out:
+            extras = {"student_feats": in_view(s_out["feats"], s_rows, batch),
+                      "teacher_feats": in_view(t_out["feats"], t_rows, batch).detach()}
+        losses["loss_kd"] = distiller.kd_loss(in_view(s_out["logits"], s_rows, batch),
+                                              in_view(t_out["logits"], t_rows, batch).detach(),
+                                              labels_for("in_view", batch), epoch, **extras)
+    return losses
+
+
+# ----------------------------------------------------------------------------- optimisation
+def build_optimizer(params, o) -> torch.optim.Optimizer:
+    if o.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+
+
+def build_scheduler(opt, o, steps_per_epoch: int):
+    total = max(1, o.epochs * steps_per_epoch)
+    if o.schedule == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=o.lr, total_steps=total, pct_start=o.pct_start,
+                                                   anneal_strategy="cos", div_factor=10.0, final_div_factor=1e3)
+    if o.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+# ----------------------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: int, ignore_index: int,
+             class_names: List[str], progress: bool = False) -> Dict[str, Any]:
+    """mIoU of ``logits`` over the rows they cover (full scans for the student, in-view points
+    for image teachers) and, for a per-point model, over the in-view points too (the rows
+    where student and teacher compare); confusion matrices are summed over ranks."""
+    from tqdm import tqdm
+
+    model.eval()
+    rows = rows_of(model)
+    metrics = {"all": SegmentationIoU(num_classes, ignore_index, class_names),
+               "in_view": SegmentationIoU(num_classes, ignore_index, class_names)}
+    for batch in tqdm(loader, desc="val", leave=False, disable=not (progress and env.is_main)):
+        batch = to_device(batch, env.device)
+        pred = model(batch)["logits"].argmax(-1)
+        metrics["in_view"].update(in_view(pred, rows, batch), labels_for("in_view", batch))
+        if rows == "points":
+            metrics["all"].update(pred, batch["labels"])
+    out = {}
+    for key, m in metrics.items():
+        if m.conf is None:
+            m.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
+        all_reduce_sum(m.conf, env)
+        if m.conf.sum() > 0:
+            out[key] = m.compute()
+    model.train()
+    return out
+
+
+# ----------------------------------------------------------------------------- stages
+@dataclass
+class StageResult:
+    metrics: Dict[str, Any]
+    final: Path
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def load_teacher(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> nn.Module:
+    path = Path(cfg["teacher_checkpoint"]) if cfg.get("teacher_checkpoint") else work_dir / "teacher" / "final.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights {path} do not exist: run the teacher stage first "
+                                "(stages: [teacher, student]) or set teacher_checkpoint")
+    state = load_checkpoint(path)
+    teacher = MODELS.build(state.get("model_cfg") or cfg["teacher"]["model"])
+    teacher.load_state_dict(state["model"])
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _log(path: Path, record: Dict[str, Any], env: DistEnv) -> None:
+    if env.is_main:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds,
+                progress: bool = True) -> StageResult:
+    from tqdm import tqdm
+
+    scfg, o = cfg[stage], cfg[stage]["optim"]
+    from .kitti_schema import KittiOptimConfig
+    o = KittiOptimConfig(**o)
+    stage_dir = work_dir / stage
+    final = stage_dir / "final.pt"
+    if final.is_file():
+        if env.is_main:
+            print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
+        return StageResult(load_checkpoint(final).get("metrics", {}), final)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    device = env.device
+    torch.manual_seed(cfg["seed"] + env.rank)
+
+    model = MODELS.build(scfg["model"]).to(device)
+    rows = rows_of(model)
+    teacher = distiller = None
+    if stage == "student":
+        distiller = DISTILLERS.build({**cfg["distiller"], "ignore_index": train_ds.ignore_index})
+        if distiller.has_kd:  # the no-KD baseline needs no teacher
+            teacher = load_teacher(cfg, work_dir, device)
+            distiller.build_modules(model.out_channels, teacher.out_channels)
+        distiller.to(device)
+    params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
+    opt = build_optimizer(params, o)
+    train_sampler = ShardedBatchSampler(len(train_ds), o.batch_size, True, cfg["seed"], env, drop_last=True)
+    steps = train_sampler.full_length()
+    if o.max_steps_per_epoch:
+        steps = min(steps, o.max_steps_per_epoch)
+    if steps < 1:
+        raise ValueError(f"[{stage}] {len(train_ds)} training scans give no full batch of {o.batch_size} per "
+                         f"process on {env.world_size} process(es): lower {stage}.optim.batch_size")
+    sched = build_scheduler(opt, o, steps)
+    use_amp = o.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    start_epoch, start_step, global_step = 1, 0, 0
+    last = stage_dir / "last.pt"
+    if last.is_file():
+        state = load_checkpoint(last, map_location=device)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        if distiller is not None and state.get("distiller"):
+            distiller.load_state_dict(state["distiller"])
+        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else None)
+        if env.is_main:
+            print(f"[{stage}] resuming from {last}: epoch {start_epoch}, step {start_step}", flush=True)
+    ddp = model
+    if env.distributed:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+        rngs = _gather_rng(env)
+        if env.is_main:
+            save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                   "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
+                                   "distiller": distiller.state_dict() if distiller is not None else None,
+                                   "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+                                   "rng": rngs, "model_cfg": scfg["model"]})
+        barrier(env)
+
+    val_loader = None
+    if val_ds is not None:
+        val_sampler = ShardedBatchSampler(len(val_ds), o.batch_size, False, cfg["seed"], env, drop_last=False)
+        val_loader = make_loader(val_ds, val_sampler, cfg["data"]["num_workers"], device)
+    log_path = stage_dir / "log.jsonl"
+    history: List[Dict[str, Any]] = []
+    metrics: Dict[str, Any] = {}
+    ddp.train()
+    for epoch in range(start_epoch, o.epochs + 1):
+        first = start_step if epoch == start_epoch else 0
+        train_ds.set_epoch(epoch)
+        train_sampler.set_epoch(epoch, first)
+        loader = make_loader(train_ds, train_sampler, cfg["data"]["num_workers"], device)
+        bar = tqdm(total=steps, initial=first, desc=f"[{stage}] epoch {epoch}/{o.epochs}",
+                   disable=not (progress and env.is_main), dynamic_ncols=True)
+        t0 = time.perf_counter()
+        for step_in_epoch, batch in enumerate(loader, start=first + 1):
+            if step_in_epoch > steps:
+                break
+            batch = to_device(batch, device)
+            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                out = ddp(batch)
+                if stage == "teacher":
+                    losses = teacher_loss(model, out, batch, scfg.get("loss_weights") or {}, train_ds.ignore_index)
+                else:
+                    with torch.no_grad():
+                        t_out = teacher(batch) if teacher is not None else None
+                    losses = student_loss(distiller, out, t_out, rows, rows_of(teacher) if teacher else rows, batch, epoch)
+            loss = sum(losses.values())
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if distiller is not None and env.distributed:
+                _average_grads(distiller, env)  # its own parameters (feature distillers) are outside DDP
+            if o.grad_clip:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+            scaler.step(opt)
+            scaler.update()
+            sched.step()
+            global_step += 1
+            bar.update(1)
+            if global_step % cfg["log_interval"] == 0 or step_in_epoch == steps:
+                values = {k: float(v.detach()) for k, v in losses.items()}  # the step's only host syncs
+                record = {"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
+                          "lr": sched.get_last_lr()[0], **values}
+                _log(log_path, record, env)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(f"[{stage}] non-finite loss at epoch {epoch} step {step_in_epoch}: "
+                                             f"{values} (see {log_path})")
+            if cfg["checkpoint_interval"] and global_step % cfg["checkpoint_interval"] == 0 and step_in_epoch < steps:
+                checkpoint(epoch, step_in_epoch)
+        bar.close()
+        checkpoint(epoch + 1, 0)
+        if val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs):
+            metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index,
+                               val_ds.class_names, progress)
+            record = {"epoch": epoch, "val": {k: {"miou": v["miou"], "accuracy": v["accuracy"]}
+                                              for k, v in metrics.items()}, "seconds": time.perf_counter() - t0}
+            history.append(record)
+            _log(log_path, record, env)
+            if env.is_main:
+                print(f"[{stage}] epoch {epoch}: " + ", ".join(f"val mIoU ({k}) {v['miou']:.2f}"
+                                                              for k, v in metrics.items()), flush=True)
+    if val_loader is not None and not metrics:  # resumed after the last epoch's checkpoint
+        metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index, val_ds.class_names,
+                           progress)
+    if env.is_main:
+        save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
+                                "config": cfg})
+        atomic_write_text(stage_dir / "metrics.json", json.dumps({"final": metrics, "history": history}, indent=2) + "\n")
+    barrier(env)
+    return StageResult(metrics, final)
+
+
+def _average_grads(module: nn.Module, env: DistEnv) -> None:
+    for p in module.parameters():
+        if p.grad is not None:
+            all_reduce_sum(p.grad, env).div_(env.world_size)
+
+
+def _gather_rng(env: DistEnv) -> List[Dict[str, Any]]:
+    """Every rank's RNG state, for rank 0 to save (each rank resumes with its own)."""
+    state = rng_state()
+    if not env.distributed:
+        return [state]
+    import torch.distributed as dist
+    out: List[Any] = [None] * env.world_size
+    dist.all_gather_object(out, state)
+    return out
+
+
+def run_kitti(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool = True) -> Dict[str, Any]:
+    """Run the experiment's stages in order; returns {stage: final validation metrics}."""
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    data = cfg["data"]
+    roots = [data["train"]["root"]] + ([data["val"]["root"]] if data.get("val") else [])
+    generate_synthetic_if_missing(roots, data.get("synthetic"), env)
+    train_ds = DATASETS.build(data["train"])
+    val_ds = DATASETS.build(data["val"]) if data.get("val") else None
+    results = {}
+    for stage in cfg["stages"]:
+        if stage == "teacher" and cfg.get("teacher_checkpoint"):
+            continue
+        results[stage] = train_stage(stage, cfg, env, work_dir, train_ds, val_ds, progress).metrics
+    return results

@@ -1,0 +1,228 @@
+"""SemanticKITTI training engine on tiny synthetic data: the two stages end to end, the
+student loss (CE on every point, KD on the in-view points, sync-free), resume after a
+kill (bitwise the same weights as an uninterrupted run), checkpoints that survive a
+failed write, the sharded sampler, clear errors, and torchrun with two CPU processes."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
+
+pytestmark = pytest.mark.skipif(not HAVE_SPCONV, reason="spconv is not installed (pip install 'pcseg_kd[spconv]')")
+
+from pcseg_kd.config import ConfigError  # noqa: E402
+from pcseg_kd.engine import checkpoint as ckpt  # noqa: E402
+from pcseg_kd.engine import kitti  # noqa: E402
+from pcseg_kd.engine.distributed import DistEnv  # noqa: E402
+from pcseg_kd.engine.runner import load_kitti_experiment  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = str(ROOT / "configs/kitti/quickstart.yaml")
+POINT = "{base_channels: 8, channels: [8, 8, 8, 8, 8, 8, 8, 8], layers: [1, 1, 1, 1, 1, 1, 1, 1], stem_kernel: 3}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    from pcseg_kd.data.kitti.testing import tiny_synthetic
+    return tiny_synthetic(tmp_path_factory.mktemp("kitti_engine"), sequences=("00", "08"), frames=4, seed=5)
+
+
+def overrides(root, **extra):
+    o = [f"data.train.root={root}", f"data.val.root={root}", "data.synthetic=null",
+         "data.train.sequences=[00]", "data.val.sequences=[08]", "data.num_workers=0",
+         "data.train.voxel_size=[0.2,0.2,0.2]", "data.val.voxel_size=[0.2,0.2,0.2]",
+         f"student.model={POINT}", "teacher.optim.epochs=1", "student.optim.epochs=2",
+         "teacher.optim.max_steps_per_epoch=2", "student.optim.max_steps_per_epoch=2", "log_interval=1"]
+    return o + [f"{k}={v}" for k, v in extra.items()]
+
+
+def test_two_stages_end_to_end_and_rerun_skips(data_root, tmp_path):
+    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+    env = DistEnv()
+    res = kitti.run_kitti(cfg, tmp_path, env, progress=False)
+    assert set(res) == {"teacher", "student"}
+    assert 0 <= res["teacher"]["in_view"]["miou"] <= 100          # image/fusion teachers: in-view rows
+    assert {"all", "in_view"} <= set(res["student"])               # the student scores full scans too
+    for stage in ("teacher", "student"):
+        d = tmp_path / stage
+        assert (d / "final.pt").is_file() and (d / "last.pt").is_file()
+        log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        assert any("val" in r for r in log) and all(r.get("epoch") for r in log)
+        assert json.loads((d / "metrics.json").read_text())["final"]
+    student_log = [json.loads(line) for line in (tmp_path / "student" / "log.jsonl").read_text().splitlines()]
+    assert all("loss_kd" in r for r in student_log if "loss_ce" in r)
+    before = (tmp_path / "student" / "final.pt").stat().st_mtime_ns
+    again = kitti.run_kitti(cfg, tmp_path, env, progress=False)   # finished stages are skipped
+    assert (tmp_path / "student" / "final.pt").stat().st_mtime_ns == before
+    assert again["student"]["all"]["miou"] == res["student"]["all"]["miou"]
+
+
+def test_no_kd_baseline_needs_no_teacher(data_root, tmp_path):
+    cfg = load_kitti_experiment(str(ROOT / "configs/kitti/none.yaml"), overrides(data_root))
+    res = kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    assert set(res) == {"student"} and not (tmp_path / "teacher").exists()
+
+
+def test_student_loss_is_ce_on_all_points_plus_kd_on_in_view_rows_without_host_sync():
+    from pcseg_kd.distill import DKDPSSM, pssm_config
+    from pcseg_kd.distill.dkd_pssm import pssm_dkd_loss
+    from pcseg_kd.utils.sync_guard import forbid_host_sync
+
+    g = torch.Generator().manual_seed(0)
+    P, K, C = 500, 120, 19
+    labels = torch.randint(0, C, (P,), generator=g)
+    labels[::9] = 255
+    idx = torch.randperm(P, generator=g)[:K]
+    batch = {"labels": labels, "img_point_idx": idx}
+    s_logits = torch.randn(P, C, generator=g, requires_grad=True)
+    t_logits = torch.randn(K, C, generator=g)
+    t_logits[::2] = s_logits.detach()[idx[::2]] * 1.5 + 0.01  # rows where PSSM keeps a wrong teacher
+    dist = DKDPSSM(ce_weight=0.7, kd_weight=0.3, temperature=2.0, ignore_index=255,
+                   pssm={"space": "probs"})
+    with forbid_host_sync():
+        losses = kitti.student_loss(dist, {"logits": s_logits}, {"logits": t_logits}, "points", "in_view", batch, 1)
+        sum(losses.values()).backward()
+    valid = labels != 255
+    ce = torch.nn.functional.cross_entropy(s_logits.detach()[valid], labels[valid])
+    torch.testing.assert_close(losses["loss_ce"], 0.7 * ce)
+    y_iv = labels[idx]
+    rows = pssm_dkd_loss(s_logits.detach()[idx], t_logits, y_iv, 1.0, 8.0, 2.0, "none", 255,
+                         pssm_config("reference", space="probs"), backend="reference")
+    torch.testing.assert_close(losses["loss_kd"], 0.3 * rows.sum() / (y_iv != 255).sum())
+    # gradient of the KD term reaches only the in-view rows
+    s2 = s_logits.detach().clone().requires_grad_()
+    kitti.student_loss(dist, {"logits": s2}, {"logits": t_logits}, "points", "in_view", batch, 1)["loss_kd"].backward()
+    out_of_view = torch.ones(P, dtype=torch.bool)
+    out_of_view[idx] = False
+    assert (s2.grad[out_of_view] == 0).all() and s2.grad[idx].abs().sum() > 0
+
+
+@pytest.mark.parametrize("die_at,resume_at", [(3, (2, 0)), (4, (2, 1))])
+def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, monkeypatch, die_at, resume_at):
+    """checkpoint_interval=1, two steps per epoch; the run dies at student step 3 (epoch 2's
+    first step, so it resumes at the epoch boundary) or 4 (mid-epoch 2, after the step-3
+    checkpoint) and is run again: its final student weights equal, bitwise, those of a run
+    that never died."""
+    o = overrides(data_root, checkpoint_interval=1)
+    cfg = load_kitti_experiment(QUICK, o)
+    kitti.run_kitti(cfg, tmp_path / "clean", DistEnv(), progress=False)
+    clean = ckpt.load_checkpoint(tmp_path / "clean" / "student" / "final.pt")["model"]
+
+    # the same teacher, so that only the student stage is interrupted
+    (tmp_path / "killed" / "teacher").mkdir(parents=True)
+    for f in ("final.pt", "last.pt"):
+        (tmp_path / "killed" / "teacher" / f).write_bytes((tmp_path / "clean" / "teacher" / f).read_bytes())
+    real = kitti.student_loss
+    calls = {"n": 0}
+
+    def dies(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == die_at:
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(kitti, "student_loss", dies)
+    with pytest.raises(KeyboardInterrupt):
+        kitti.run_kitti(cfg, tmp_path / "killed", DistEnv(), progress=False)
+    state = ckpt.load_checkpoint(tmp_path / "killed" / "student" / "last.pt")
+    assert (state["epoch"], state["step_in_epoch"]) == resume_at
+    assert not (tmp_path / "killed" / "student" / "final.pt").exists()
+    monkeypatch.setattr(kitti, "student_loss", real)
+    kitti.run_kitti(cfg, tmp_path / "killed", DistEnv(), progress=False)
+    resumed = ckpt.load_checkpoint(tmp_path / "killed" / "student" / "final.pt")["model"]
+    assert clean.keys() == resumed.keys()
+    for k in clean:
+        torch.testing.assert_close(resumed[k], clean[k], rtol=0, atol=0, msg=k)
+
+
+def test_checkpoint_write_is_atomic_and_bad_files_are_named(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    ckpt.save_checkpoint(path, {"epoch": 1})
+
+    def broken_save(obj, f):
+        f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(path, {"epoch": 2})
+    monkeypatch.undo()
+    assert ckpt.load_checkpoint(path)["epoch"] == 1        # the old checkpoint survived
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+    path.write_bytes(path.read_bytes()[:20])                # truncated
+    with pytest.raises(RuntimeError, match="last.pt cannot be read"):
+        ckpt.load_checkpoint(path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        ckpt.load_checkpoint(tmp_path / "nope.pt")
+
+
+def test_sharded_sampler_partitions_and_resumes():
+    batches = {}
+    for rank in range(3):
+        s = kitti.ShardedBatchSampler(23, 2, True, seed=4, env=DistEnv(rank=rank, world_size=3), drop_last=True)
+        s.set_epoch(5)
+        batches[rank] = list(s)
+        assert len(batches[rank]) == len(s) == 3          # 23 // 3 = 7 per rank -> 3 full batches
+        s.set_epoch(5, start=1)
+        assert list(s) == batches[rank][1:] and len(s) == 2
+    flat = [i for b in batches.values() for batch in b for i in batch]
+    assert len(flat) == len(set(flat)) == 18               # disjoint across ranks
+    again = kitti.ShardedBatchSampler(23, 2, True, seed=4, env=DistEnv(rank=0, world_size=3), drop_last=True)
+    again.set_epoch(6)
+    assert list(again) != batches[0]                        # a new epoch, a new order
+    val = kitti.ShardedBatchSampler(5, 2, False, seed=0, env=DistEnv(rank=1, world_size=2), drop_last=False)
+    assert list(val) == [[1, 3]] and len(val) == 1
+
+
+def test_config_errors_name_the_key_and_source(data_root, tmp_path):
+    with pytest.raises(ConfigError, match="student.optim.lrr"):
+        load_kitti_experiment(QUICK, ["student.optim.lrr=1"])
+    with pytest.raises(ConfigError, match=r"command line: stages: must be a non-empty list"):
+        load_kitti_experiment(QUICK, ["stages=[teacher,studnet]"])
+    with pytest.raises(ConfigError, match="optimizer must be"):
+        load_kitti_experiment(QUICK, ["teacher.optim.optimizer=lion"])
+    with pytest.raises(ConfigError, match="spunet"):
+        load_kitti_experiment(QUICK, ["student.model.channels=[8,8,8]"])
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[student]"))
+    with pytest.raises(FileNotFoundError, match="run the teacher stage first"):
+        kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    cfg = load_kitti_experiment(QUICK, overrides(tmp_path / "missing"))
+    from pcseg_kd.data.kitti.errors import KittiDataError
+    with pytest.raises(KittiDataError, match="missing"):
+        kitti.run_kitti(cfg, tmp_path / "w", DistEnv(), progress=False)
+
+
+def test_cli_generates_the_synthetic_default_and_trains(tmp_path):
+    root = tmp_path / "synth"
+    out = subprocess.run([sys.executable, str(ROOT / "tools/train.py"), QUICK, "--work-dir", str(tmp_path / "w"),
+                          "--no-progress", f"data.train.root={root}", f"data.val.root={root}",
+                          "data.synthetic.frames=2", f"student.model={POINT}", "teacher.optim.epochs=1",
+                          "student.optim.epochs=1", "teacher.optim.max_steps_per_epoch=1",
+                          "student.optim.max_steps_per_epoch=1"],
+                         capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "generating a synthetic SemanticKITTI" in out.stdout
+    assert (root / "sequences" / "00" / "velodyne").is_dir()
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "student"}
+    assert (tmp_path / "w" / "config.yaml").is_file()
+
+
+def test_torchrun_two_cpu_processes(data_root, tmp_path):
+    """DDP over Gloo with two processes: both ranks train their shard, rank 0 writes."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           str(ROOT / "tools/train.py"), QUICK, "--work-dir", str(tmp_path / "w"), "--no-progress",
+           *overrides(data_root, threads=1, **{"student.optim.batch_size": 1, "teacher.optim.batch_size": 1})]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "student"}
+    assert out.stdout.count("val mIoU {") == 1  # only rank 0 reports

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
-import tempfile
 import typing
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -139,19 +138,8 @@ def save_config(cfg: DictConfig | Mapping, path: os.PathLike | str) -> None:
 
 
 def atomic_write_text(path: os.PathLike | str, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from .utils.io import atomic_write
+    atomic_write(path, lambda f: f.write(text))
 
 
 # ----------------------------------------------------------------------------- validation

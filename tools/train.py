@@ -22,15 +22,20 @@ from pcseg_kd.engine.runner import (default_work_dir, experiment_kind, load_expe
                                     load_kitti_experiment, parse_args, save_config, write_json)
 
 
+def load_or_exit(loader, args):
+    """A bad config ends the run with one clear message (key, file), not a traceback."""
+    try:
+        return loader(args.config, args.overrides)
+    except (ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+
+
 def run_kitti(args):
     from pcseg_kd.data.kitti.errors import KittiDataError
     from pcseg_kd.engine.distributed import cleanup, init_distributed
     from pcseg_kd.engine.kitti import run_kitti as run
 
-    try:
-        cfg = load_kitti_experiment(args.config, args.overrides)
-    except (ConfigError, KeyError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
+    cfg = load_or_exit(load_kitti_experiment, args)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     env = init_distributed(cfg["device"])
     try:
@@ -52,10 +57,7 @@ def run_kitti(args):
 
 
 def run_toy(args):
-    try:
-        cfg = load_experiment(args.config, args.overrides)
-    except (ConfigError, KeyError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
+    cfg = load_or_exit(load_experiment, args)
     from pcseg_kd.engine.toy import run_setting
 
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
@@ -74,10 +76,7 @@ def run_toy(args):
 
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0] if __doc__ else "", argv)
-    try:
-        kind = experiment_kind(args.config, args.overrides)
-    except (ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+    kind = load_or_exit(experiment_kind, args)
     return run_kitti(args) if kind == "semantickitti" else run_toy(args)
 
 

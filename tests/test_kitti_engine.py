@@ -142,6 +142,97 @@ def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, monkeypatch
         torch.testing.assert_close(resumed[k], clean[k], rtol=0, atol=0, msg=k)
 
 
+def test_killed_during_the_last_validation_resumes_and_finishes(data_root, tmp_path, monkeypatch):
+    """Dies inside the student's last validation, after its epoch-end checkpoint: the rerun
+    has no epoch left to train, validates, and writes final.pt with the same weights."""
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]"))
+    kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+    real = kitti.evaluate
+    calls = {"n": 0}
+
+    def dies_on_second(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the student's epoch-2 (= last) validation
+            raise KeyboardInterrupt("simulated kill")
+        return real(*a, **k)
+
+    monkeypatch.setattr(kitti, "evaluate", dies_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    before = ckpt.load_checkpoint(tmp_path / "student" / "last.pt")
+    assert before["epoch"] == 3 and len(before["history"]) == 1  # epoch 1's validation is kept
+    monkeypatch.setattr(kitti, "evaluate", real)
+    res = kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    final = ckpt.load_checkpoint(tmp_path / "student" / "final.pt")
+    for k, v in before["model"].items():
+        torch.testing.assert_close(final["model"][k], v, rtol=0, atol=0)
+    assert res["student"]["all"]["points"] > 0
+
+
+def test_changed_settings_are_refused_not_mixed(data_root, tmp_path):
+    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+    kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    # a finished student trained with another distiller setting
+    changed = load_kitti_experiment(QUICK, overrides(data_root) + ["distiller.beta=2.0"])
+    with pytest.raises(kitti.ResumeMismatch, match=r"student/final.pt was written with different settings \(distiller"):
+        kitti.run_kitti(changed, tmp_path, DistEnv(), progress=False)
+    # an unfinished stage resumed with more epochs (its LR schedule was planned for 2)
+    (tmp_path / "student" / "final.pt").unlink()
+    longer = load_kitti_experiment(QUICK, overrides(data_root) + ["student.optim.epochs=3"])
+    with pytest.raises(kitti.ResumeMismatch, match=r"student/last.pt .*\(optim changed\)"):
+        kitti.run_kitti(longer, tmp_path, DistEnv(), progress=False)
+    # the teacher was retrained since: the student's checkpoint no longer matches it
+    import shutil
+    shutil.rmtree(tmp_path / "teacher")
+    other_teacher = load_kitti_experiment(QUICK, overrides(data_root) + ["teacher.optim.lr=0.02"])
+    with pytest.raises(kitti.ResumeMismatch, match=r"student/last.pt .*teacher"):
+        kitti.run_kitti(other_teacher, tmp_path, DistEnv(), progress=False)
+
+
+def test_points_without_a_voxel_are_not_scored_and_images_are_optional(data_root, tmp_path):
+    """out_of_range: drop and load_image: false, student-only baseline: CE and validation
+    leave voxel-less points out; validation without images reports full scans only."""
+    o = overrides(data_root) + ["data.train.out_of_range=drop", "data.val.out_of_range=drop",
+                                "data.train.load_image=false", "data.val.load_image=false",
+                                "data.train.point_range=[-10,-10,-3,10,10,1]", "data.val.point_range=[-10,-10,-3,10,10,1]"]
+    cfg = load_kitti_experiment(str(ROOT / "configs/kitti/none.yaml"), o)
+    res = kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)["student"]
+    assert set(res) == {"all"}
+    from pcseg_kd.registry import DATASETS
+    val = DATASETS.build(cfg["data"]["val"])
+    scored = sum(int(((s["labels"] != 255) & (s["point2voxel"] >= 0)).sum()) for s in (val[i] for i in range(len(val))))
+    everything = sum(int((val[i]["labels"] != 255).sum()) for i in range(len(val)))
+    assert res["all"]["points"] == scored < everything
+
+
+def test_student_ce_ignores_points_without_a_voxel():
+    from pcseg_kd.distill import NoKD
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(50, 4, generator=g)
+    labels = torch.randint(0, 4, (50,), generator=g)
+    valid = torch.rand(50, generator=g) > 0.3
+    out = kitti.student_loss(NoKD(ignore_index=255), {"logits": logits, "point_valid": valid}, None,
+                             "points", "points", {"labels": labels}, 1)
+    want = torch.nn.functional.cross_entropy(logits[valid], labels[valid])
+    torch.testing.assert_close(out["loss_ce"], want)
+
+
+def test_teacher_checkpoint_takes_a_final_pt_or_a_bare_state_dict(data_root, tmp_path):
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]"))
+    kitti.run_kitti(cfg, tmp_path / "t", DistEnv(), progress=False)
+    final = ckpt.load_checkpoint(tmp_path / "t" / "teacher" / "final.pt")
+    torch.save(final["model"], tmp_path / "bare.pt")
+    for path in (tmp_path / "t" / "teacher" / "final.pt", tmp_path / "bare.pt"):
+        cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[student]", teacher_checkpoint=path))
+        res = kitti.run_kitti(cfg, tmp_path / path.stem, DistEnv(), progress=False)
+        assert set(res) == {"student"}
+    torch.save({"epoch": 3}, tmp_path / "junk.pt")
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[student]", teacher_checkpoint=tmp_path / "junk.pt"))
+    with pytest.raises(ValueError, match="junk.pt: neither a pcseg_kd final.pt nor a state_dict"):
+        kitti.run_kitti(cfg, tmp_path / "junk", DistEnv(), progress=False)
+
+
 def test_checkpoint_write_is_atomic_and_bad_files_are_named(tmp_path, monkeypatch):
     path = tmp_path / "last.pt"
     ckpt.save_checkpoint(path, {"epoch": 1})
@@ -190,6 +281,12 @@ def test_config_errors_name_the_key_and_source(data_root, tmp_path):
         load_kitti_experiment(QUICK, ["teacher.optim.optimizer=lion"])
     with pytest.raises(ConfigError, match="spunet"):
         load_kitti_experiment(QUICK, ["student.model.channels=[8,8,8]"])
+    with pytest.raises(ConfigError, match="command line: eval_interval: must be >= 1"):
+        load_kitti_experiment(QUICK, ["eval_interval=0"])
+    with pytest.raises(ConfigError, match="checkpoint_interval: must be >= 0"):
+        load_kitti_experiment(QUICK, ["checkpoint_interval=-3"])
+    with pytest.raises(ConfigError, match=r"teacher.loss_weights: unknown head\(s\) \['point_logit'\]"):
+        load_kitti_experiment(QUICK, ["teacher.loss_weights.point_logit=2"])
     cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[student]"))
     with pytest.raises(FileNotFoundError, match="run the teacher stage first"):
         kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
@@ -220,9 +317,39 @@ def test_torchrun_two_cpu_processes(data_root, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            str(ROOT / "tools/train.py"), QUICK, "--work-dir", str(tmp_path / "w"), "--no-progress",
-           *overrides(data_root, threads=1, **{"student.optim.batch_size": 1, "teacher.optim.batch_size": 1})]
+           *overrides(data_root, threads=1, **{"student.optim.batch_size": 1, "teacher.optim.batch_size": 1}),
+           "distiller={_delete_: true, type: fitnet, kd_weight: 0.5}"]  # a distiller with its own parameters, outside DDP
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert set(metrics) == {"teacher", "student"}
     assert out.stdout.count("val mIoU {") == 1  # only rank 0 reports
+    # validation is sharded over the two ranks and summed: every labelled val point once
+    from pcseg_kd.registry import DATASETS
+    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+    val = DATASETS.build(cfg["data"]["val"])
+    labelled = sum(int((val[i]["labels"] != 255).sum()) for i in range(len(val)))
+    assert metrics["student"]["all"]["points"] == labelled
+
+
+def _broadcast_worker(rank, init_file, out_dir):
+    import torch.distributed as dist
+    from pcseg_kd.engine.distributed import broadcast_module
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(rank)  # different regressors on each rank, as a per-rank seed would give
+    module = torch.nn.Linear(3, 2)
+    module.register_buffer("bank", torch.randn(4))
+    broadcast_module(module, DistEnv(rank=rank, world_size=2))
+    torch.save(module.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_broadcast_module_gives_every_rank_rank0_weights(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_broadcast_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    a, b = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    torch.manual_seed(0)
+    want = torch.nn.Linear(3, 2).state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    torch.testing.assert_close(a["weight"], want["weight"], rtol=0, atol=0)

@@ -36,17 +36,21 @@ def test_matches_brute_force_over_batches():
     ref = brute_force_iou(torch.cat(all_p), torch.cat(all_l), 5, 255)
     out = metric.compute()
     np.testing.assert_allclose([out["iou"][str(c)] for c in range(5)], np.array(ref) * 100)
-    assert out["miou"] == pytest.approx(np.nanmean(ref) * 100)
+    assert out["miou"] == pytest.approx(np.nanmean(ref) * 100)  # every class occurs here
+    assert out["points"] == int((torch.cat(all_l) != 255).sum())
 
 
-def test_absent_class_is_nan_and_excluded_from_mean():
+def test_absent_class_counts_as_zero_in_miou_and_is_skipped_in_miou_present():
     pred = torch.tensor([0, 0, 1, 1])
     labels = torch.tensor([0, 1, 1, 255])
     iou = iou_from_confusion(confusion_matrix(pred, labels, 3))
     assert math.isnan(iou[2]) and iou[0] == pytest.approx(0.5) and iou[1] == pytest.approx(0.5)
     m = SegmentationIoU(3)
     m.update(pred, labels)
-    assert m.compute()["miou"] == pytest.approx(50.0)
+    out = m.compute()
+    assert out["miou"] == pytest.approx(100 / 3)          # (0.5 + 0.5 + 0) / 3, as semantic-kitti-api
+    assert out["miou_present"] == pytest.approx(50.0)
+    assert math.isnan(out["iou"]["2"])
 
 
 def test_out_of_range_ids_are_not_aliased():
@@ -59,3 +63,12 @@ def test_errors():
         confusion_matrix(torch.zeros(3), torch.zeros(4), 2)
     with pytest.raises(RuntimeError, match="before any update"):
         SegmentationIoU().compute()
+
+
+def test_update_does_not_sync_with_the_host():
+    from pcseg_kd.utils.sync_guard import forbid_host_sync
+    m = SegmentationIoU(4)
+    labels = torch.tensor([0, 1, 2, 3, 255, 1])
+    with forbid_host_sync():
+        m.update(torch.tensor([0, 1, 1, 3, 0, 2]), {"labels": labels})
+    assert m.compute()["points"] == 5

@@ -29,6 +29,9 @@ SYNCS = {
     "unique": lambda x: torch.unique(x),
     "masked_select": lambda x: x.masked_select(x > 0),
     "repeat_interleave": lambda x: torch.repeat_interleave(torch.tensor([1, 2])),
+    "bincount": lambda x: torch.bincount(torch.tensor([0, 2, 2]), minlength=4),
+    "histc_no_range": lambda x: torch.histc(x, bins=4),
+    "np_asarray": lambda x: __import__("numpy").asarray(x),
 }
 
 ALLOWED = {
@@ -39,6 +42,9 @@ ALLOWED = {
     "int_index": lambda x: x[torch.tensor([0, 2])],
     "masked_fill": lambda x: x.masked_fill(x < 0, 0.0),
     "repeat_interleave_sized": lambda x: torch.repeat_interleave(torch.tensor([1, 2]), output_size=3),
+    "histc_with_range": lambda x: torch.histc(x, bins=4, min=-2.0, max=2.0),
+    "scatter_add_counts": lambda x: torch.zeros(4, dtype=torch.long).scatter_add_(0, torch.tensor([0, 2, 2]),
+                                                                                 torch.ones(3, dtype=torch.long)),
     "shape_python": lambda x: x.reshape(2, 2)[:, 0] if x.shape[0] == 4 else x,
 }
 

@@ -33,6 +33,7 @@ def load_or_exit(loader, args):
 def run_kitti(args):
     from pcseg_kd.data.kitti.errors import KittiDataError
     from pcseg_kd.engine.distributed import cleanup, init_distributed
+    from pcseg_kd.engine.kitti import ResumeMismatch
     from pcseg_kd.engine.kitti import run_kitti as run
 
     cfg = load_or_exit(load_kitti_experiment, args)
@@ -44,7 +45,7 @@ def run_kitti(args):
             save_config(cfg, work_dir / "config.yaml")
         try:
             results = run(cfg, work_dir, env, progress=not args.no_progress)
-        except (KittiDataError, FileNotFoundError) as e:
+        except (KittiDataError, FileNotFoundError, ResumeMismatch) as e:
             raise SystemExit(f"error: {e}")
         if env.is_main:
             summary = {stage: {k: round(v["miou"], 2) for k, v in m.items()} for stage, m in results.items()}

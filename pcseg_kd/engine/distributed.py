@@ -3,7 +3,8 @@
 ``torchrun --nproc_per_node=N tools/train.py CONFIG`` sets ``RANK``, ``WORLD_SIZE`` and
 ``LOCAL_RANK``; a plain ``python tools/train.py`` runs as a world of one without a process
 group. Rank 0 writes logs, checkpoints and metrics; every rank trains on its shard
-(``DistributedSampler``) and evaluation sums the confusion matrices across ranks.
+(``pcseg_kd.engine.kitti.ShardedBatchSampler``) and evaluation sums the confusion matrices
+across ranks.
 """
 from __future__ import annotations
 
@@ -60,6 +61,14 @@ def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:
     if env.distributed:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def broadcast_module(module: torch.nn.Module, env: DistEnv, src: int = 0) -> None:
+    """Give every rank ``src``'s parameters and buffers (for modules outside DDP, e.g. a
+    feature distiller's regressor, whose random initialisation differs per rank)."""
+    if env.distributed:
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src=src)
 
 
 def barrier(env: DistEnv) -> None:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +33,14 @@ from ..distill.reduce import row_mean
 from ..metrics.miou import SegmentationIoU
 from ..registry import DATASETS, DISTILLERS, MODELS
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistEnv, all_reduce_sum, barrier
+from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_module, broadcast_object
 
 HEAD_ROWS = {"point_logits": "points", "image_logits": "in_view"}  # other heads of a teacher's output
+TEACHER_HEADS = ("logits",) + tuple(HEAD_ROWS)
+
+
+class ResumeMismatch(ValueError):
+    """A stage's checkpoint was written under a different configuration."""
 
 
 # ----------------------------------------------------------------------------- data
@@ -47,13 +54,29 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
 
     spec = dict(spec)
     sequences = [str(s) for s in spec.pop("sequences", ["00", "08"])]
-    lidar = LidarModel(**spec.pop("lidar", {}))
-    for root in dict.fromkeys(roots):
-        if env.is_main and not (Path(root) / "sequences").is_dir():
-            print(f"data.synthetic: {root} has no sequences/, generating a synthetic SemanticKITTI "
-                  f"({', '.join(sequences)}) there", flush=True)
-            generate_dataset(root, sequences, SyntheticConfig(lidar=lidar, **spec), progress=True)
-    barrier(env)
+    error = None
+    if env.is_main:
+        try:
+            lidar = LidarModel(**spec.pop("lidar", {}))
+            for root in dict.fromkeys(roots):
+                root = Path(root)
+                if (root / "sequences").is_dir():
+                    continue
+                print(f"data.synthetic: {root} has no sequences/, generating a synthetic SemanticKITTI "
+                      f"({', '.join(sequences)}) there", flush=True)
+                # written aside and renamed into place: a killed generation leaves no half dataset
+                tmp = root / f".synthetic-{os.getpid()}"
+                shutil.rmtree(tmp, ignore_errors=True)
+                generate_dataset(tmp, sequences, SyntheticConfig(lidar=lidar, **spec), progress=True)
+                os.replace(tmp / "sequences", root / "sequences")
+                shutil.rmtree(tmp, ignore_errors=True)
+        except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
+            error = e
+    failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)
+    if error is not None:
+        raise error
+    if failed:
+        raise RuntimeError(f"data.synthetic: generation failed on rank 0 ({failed})")
 
 
 class ShardedBatchSampler(Sampler):
@@ -116,8 +139,14 @@ def in_view(x: Tensor, rows: str, batch: Dict[str, Any]) -> Tensor:
     return x[batch["img_point_idx"]] if rows == "points" else x
 
 
-def labels_for(rows: str, batch: Dict[str, Any]) -> Tensor:
-    return batch["labels"] if rows == "points" else batch["labels"][batch["img_point_idx"]]
+def labels_for(rows: str, batch: Dict[str, Any], point_valid: Optional[Tensor] = None,
+               ignore_index: int = 255) -> Tensor:
+    """Labels of a model's rows; points without a voxel (``point_valid`` False, only with
+    ``out_of_range: drop``) get ``ignore_index``: the model cannot predict them."""
+    labels = batch["labels"] if rows == "points" else batch["labels"][batch["img_point_idx"]]
+    if rows == "points" and point_valid is not None:
+        labels = torch.where(point_valid, labels, torch.full_like(labels, ignore_index))
+    return labels
 
 
 def ce_mean(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
@@ -130,17 +159,18 @@ def teacher_loss(model: nn.Module, out: Dict[str, Tensor], batch: Dict[str, Any]
     """Cross entropy on every head the teacher returns (``logits`` and, for the fusion
     teacher, ``point_logits`` / ``image_logits``), each weighted by ``loss_weights``."""
     losses = {}
-    for head in ("logits",) + tuple(HEAD_ROWS):
+    for head in TEACHER_HEADS:
         if head in out:
             rows = rows_of(model) if head == "logits" else HEAD_ROWS[head]
-            losses[f"loss_{head}"] = weights.get(head, 1.0) * ce_mean(out[head], labels_for(rows, batch), ignore_index)
+            labels = labels_for(rows, batch, out.get("point_valid"), ignore_index)
+            losses[f"loss_{head}"] = weights.get(head, 1.0) * ce_mean(out[head], labels, ignore_index)
     return losses
 
 
 def student_loss(distiller, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, Tensor]], s_rows: str,
                  t_rows: str, batch: Dict[str, Any], epoch: int) -> Dict[str, Tensor]:
-    losses = {"loss_ce": distiller.ce_weight * ce_mean(s_out["logits"], labels_for(s_rows, batch),
-                                                       distiller.ignore_index)}
+    labels = labels_for(s_rows, batch, s_out.get("point_valid"), distiller.ignore_index)
+    losses = {"loss_ce": distiller.ce_weight * ce_mean(s_out["logits"], labels, distiller.ignore_index)}
     if t_out is not None and distiller.has_kd:
         extras = {}
         if "feats" in s_out and "feats" in t_out:
@@ -184,10 +214,13 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
                "in_view": SegmentationIoU(num_classes, ignore_index, class_names)}
     for batch in tqdm(loader, desc="val", leave=False, disable=not (progress and env.is_main)):
         batch = to_device(batch, env.device)
-        pred = model(batch)["logits"].argmax(-1)
-        metrics["in_view"].update(in_view(pred, rows, batch), labels_for("in_view", batch))
+        out = model(batch)
+        pred = out["logits"].argmax(-1)
+        labels = labels_for(rows, batch, out.get("point_valid"), ignore_index)
         if rows == "points":
-            metrics["all"].update(pred, batch["labels"])
+            metrics["all"].update(pred, labels)
+        if "img_point_idx" in batch:  # scans read without images have no in-view rows
+            metrics["in_view"].update(in_view(pred, rows, batch), in_view(labels, rows, batch))
     out = {}
     for key, m in metrics.items():
         if m.conf is None:
@@ -216,12 +249,60 @@ def load_teacher(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> n
         raise FileNotFoundError(f"teacher weights {path} do not exist: run the teacher stage first "
                                 "(stages: [teacher, student]) or set teacher_checkpoint")
     state = load_checkpoint(path)
+    weights = state.get("model", state)  # a final.pt, or a bare state_dict
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"teacher weights {path}: neither a pcseg_kd final.pt nor a state_dict")
     teacher = MODELS.build(state.get("model_cfg") or cfg["teacher"]["model"])
-    teacher.load_state_dict(state["model"])
+    load_weights(teacher, weights, path)
     teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def load_weights(model: nn.Module, weights: Dict[str, Tensor], path: Path) -> None:
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise ResumeMismatch(f"{path}: weights do not fit the configured {type(model).__name__} "
+                             f"({str(e).splitlines()[0]} ...): the model config changed since it was "
+                             "written; use the config it was trained with, or another --work-dir") from e
+
+
+def teacher_fingerprint(cfg: Dict[str, Any], work_dir: Path) -> Dict[str, Any]:
+    """What the student stage depends on of its teacher: the teacher stage's fingerprint, or
+    the identity (path, size, mtime) of an external ``teacher_checkpoint``."""
+    if cfg.get("teacher_checkpoint"):
+        p = Path(cfg["teacher_checkpoint"])
+        st = p.stat() if p.is_file() else None
+        return {"path": str(p.resolve()), "size": st.st_size if st else None, "mtime": st.st_mtime_ns if st else None}
+    final = work_dir / "teacher" / "final.pt"
+    return load_checkpoint(final).get("fingerprint", {}) if final.is_file() else {}
+
+
+def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int, use_amp: bool,
+                      work_dir: Path, distiller) -> Dict[str, Any]:
+    """The settings a stage's weights depend on; checkpoints carry it, and resuming or
+    reusing one under different settings is an error rather than a silent mix."""
+    fp = {"model": cfg[stage]["model"], "optim": cfg[stage]["optim"], "train": cfg["data"]["train"],
+          "seed": cfg["seed"], "amp": use_amp, "world_size": env.world_size, "steps_per_epoch": steps}
+    if stage == "teacher":
+        fp["loss_weights"] = cfg["teacher"].get("loss_weights") or {}
+    else:
+        fp["distiller"] = cfg["distiller"]
+        if distiller.has_kd:
+            fp["teacher"] = teacher_fingerprint(cfg, work_dir)
+    return fp
+
+
+def check_fingerprint(path: Path, saved: Optional[Dict[str, Any]], now: Dict[str, Any],
+                      ignore: tuple = ()) -> None:
+    if saved is None:
+        return  # written by an older version: nothing to compare
+    diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
+    if diff:
+        raise ResumeMismatch(f"{path} was written with different settings ({', '.join(diff)} changed): "
+                             f"delete {path.parent} to train this stage again, or use another --work-dir")
 
 
 def _log(path: Path, record: Dict[str, Any], env: DistEnv) -> None:
@@ -239,25 +320,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     o = KittiOptimConfig(**o)
     stage_dir = work_dir / stage
     final = stage_dir / "final.pt"
-    if final.is_file():
-        if env.is_main:
-            print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
-        return StageResult(load_checkpoint(final).get("metrics", {}), final)
-    stage_dir.mkdir(parents=True, exist_ok=True)
     device = env.device
-    torch.manual_seed(cfg["seed"] + env.rank)
-
-    model = MODELS.build(scfg["model"]).to(device)
-    rows = rows_of(model)
-    teacher = distiller = None
-    if stage == "student":
-        distiller = DISTILLERS.build({**cfg["distiller"], "ignore_index": train_ds.ignore_index})
-        if distiller.has_kd:  # the no-KD baseline needs no teacher
-            teacher = load_teacher(cfg, work_dir, device)
-            distiller.build_modules(model.out_channels, teacher.out_channels)
-        distiller.to(device)
-    params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
-    opt = build_optimizer(params, o)
+    use_amp = o.amp and device.type == "cuda"
     train_sampler = ShardedBatchSampler(len(train_ds), o.batch_size, True, cfg["seed"], env, drop_last=True)
     steps = train_sampler.full_length()
     if o.max_steps_per_epoch:
@@ -265,21 +329,48 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if steps < 1:
         raise ValueError(f"[{stage}] {len(train_ds)} training scans give no full batch of {o.batch_size} per "
                          f"process on {env.world_size} process(es): lower {stage}.optim.batch_size")
+    distiller = None
+    if stage == "student":
+        distiller = DISTILLERS.build({**cfg["distiller"], "ignore_index": train_ds.ignore_index})
+    fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller)
+    if final.is_file():
+        state = load_checkpoint(final)
+        # a finished stage can be reused on another number of processes
+        check_fingerprint(final, state.get("fingerprint"), fingerprint, ignore=("world_size", "steps_per_epoch"))
+        if env.is_main:
+            print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
+        return StageResult(state.get("metrics", {}), final)
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg["seed"])  # the same initialisation on every rank
+
+    model = MODELS.build(scfg["model"]).to(device)
+    rows = rows_of(model)
+    teacher = None
+    if distiller is not None:
+        if distiller.has_kd:  # the no-KD baseline needs no teacher
+            teacher = load_teacher(cfg, work_dir, device)
+            distiller.build_modules(model.out_channels, teacher.out_channels)
+        distiller.to(device)
+        broadcast_module(distiller, env)  # outside DDP: start every rank from rank 0's regressors
+    params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
+    opt = build_optimizer(params, o)
     sched = build_scheduler(opt, o, steps)
-    use_amp = o.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+    history: List[Dict[str, Any]] = []
 
     start_epoch, start_step, global_step = 1, 0, 0
     last = stage_dir / "last.pt"
     if last.is_file():
-        state = load_checkpoint(last, map_location=device)
-        model.load_state_dict(state["model"])
+        state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors
+        check_fingerprint(last, state.get("fingerprint"), fingerprint)
+        load_weights(model, state["model"], last)
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         if distiller is not None and state.get("distiller"):
             distiller.load_state_dict(state["distiller"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
+        history = list(state.get("history", []))
         set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else None)
         if env.is_main:
             print(f"[{stage}] resuming from {last}: epoch {start_epoch}, step {start_step}", flush=True)
@@ -294,7 +385,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
                                    "distiller": distiller.state_dict() if distiller is not None else None,
                                    "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                                   "rng": rngs, "model_cfg": scfg["model"]})
+                                   "rng": rngs, "model_cfg": scfg["model"], "fingerprint": fingerprint,
+                                   "history": history})
         barrier(env)
 
     val_loader = None
@@ -302,7 +394,6 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         val_sampler = ShardedBatchSampler(len(val_ds), o.batch_size, False, cfg["seed"], env, drop_last=False)
         val_loader = make_loader(val_ds, val_sampler, cfg["data"]["num_workers"], device)
     log_path = stage_dir / "log.jsonl"
-    history: List[Dict[str, Any]] = []
     metrics: Dict[str, Any] = {}
     ddp.train()
     for epoch in range(start_epoch, o.epochs + 1):
@@ -339,7 +430,10 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             global_step += 1
             bar.update(1)
             if global_step % cfg["log_interval"] == 0 or step_in_epoch == steps:
-                values = {k: float(v.detach()) for k, v in losses.items()}  # the step's only host syncs
+                # averaged over ranks, so every rank sees the same values (and stops together
+                # on a non-finite loss instead of leaving the others in a collective)
+                stacked = all_reduce_sum(torch.stack([v.detach().float() for v in losses.values()]), env)
+                values = dict(zip(losses, (stacked / env.world_size).tolist()))  # the step's only host sync
                 record = {"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
                           "lr": sched.get_last_lr()[0], **values}
                 _log(log_path, record, env)
@@ -354,10 +448,12 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         if val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs):
             metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index,
                                val_ds.class_names, progress)
-            record = {"epoch": epoch, "val": {k: {"miou": v["miou"], "accuracy": v["accuracy"]}
+            record = {"epoch": epoch, "val": {k: {"miou": v["miou"], "miou_present": v["miou_present"],
+                                                  "accuracy": v["accuracy"], "points": v["points"]}
                                               for k, v in metrics.items()}, "seconds": time.perf_counter() - t0}
             history.append(record)
             _log(log_path, record, env)
+            checkpoint(epoch + 1, 0)  # again, with this validation in its history
             if env.is_main:
                 print(f"[{stage}] epoch {epoch}: " + ", ".join(f"val mIoU ({k}) {v['miou']:.2f}"
                                                               for k, v in metrics.items()), flush=True)
@@ -366,7 +462,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                            progress)
     if env.is_main:
         save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
-                                "config": cfg})
+                                "config": cfg, "fingerprint": fingerprint})
         atomic_write_text(stage_dir / "metrics.json", json.dumps({"final": metrics, "history": history}, indent=2) + "\n")
     barrier(env)
     return StageResult(metrics, final)

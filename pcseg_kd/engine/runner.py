@@ -66,7 +66,22 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
         bad = [s for s in out["stages"] if s not in STAGES]
         if bad or not out["stages"]:
             raise ValueError(f"must be a non-empty list of {list(STAGES)}, got {out['stages']}")
-    checks.append(("stages", stages))
+
+    def at_least(key, low):
+        def check():
+            if out[key] < low:
+                raise ValueError(f"must be >= {low}, got {out[key]}")
+        return check
+
+    def loss_weights():
+        from .kitti import TEACHER_HEADS
+        unknown = sorted(set(out["teacher"].get("loss_weights") or {}) - set(TEACHER_HEADS))
+        if unknown:
+            raise ValueError(f"unknown head(s) {unknown}; the teachers' heads are {list(TEACHER_HEADS)}")
+    checks += [("stages", stages), ("eval_interval", at_least("eval_interval", 1)),
+               ("log_interval", at_least("log_interval", 1)),
+               ("checkpoint_interval", at_least("checkpoint_interval", 0)),
+               ("teacher.loss_weights", loss_weights)]
     _run_checks(checks, prov)
     return out
 

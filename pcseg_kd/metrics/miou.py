@@ -2,9 +2,12 @@
 
 Predictions are over the 19 train ids (so "unlabeled" is never predicted); points whose
 label is ``ignore_index`` are left out, which is the official "ground-truth 0 column
-ignored"; IoU_c = tp / (tp + fp + fn) and mIoU is the mean over the classes. The
-confusion matrix accumulates on the tensors' device with one ``bincount`` per batch and
-no host sync; only :meth:`SegmentationIoU.compute` reads it back.
+ignored"; IoU_c = tp / (tp + fp + fn) and ``miou`` is the mean over *all* classes, a class
+absent from both labels and predictions counting as 0 (the API's ``tp / (tp + fp + fn +
+1e-15)``); ``miou_present`` averages over the classes that occur only. The confusion
+matrix accumulates on the tensors' device with one ``scatter_add_`` per batch (``bincount``
+would size its output from the data, a host sync on CUDA); only
+:meth:`SegmentationIoU.compute` reads it back.
 """
 from __future__ import annotations
 
@@ -23,7 +26,8 @@ def confusion_matrix(pred: Tensor, labels: Tensor, num_classes: int, ignore_inde
     # out-of-range ids are counted nowhere rather than silently aliased into another cell
     keep &= (labels >= 0) & (labels < num_classes) & (pred >= 0) & (pred < num_classes)
     index = torch.where(keep, labels * num_classes + pred, num_classes * num_classes)
-    counts = torch.bincount(index, minlength=num_classes * num_classes + 1)
+    counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=index.device)
+    counts.scatter_add_(0, index, torch.ones_like(index))
     return counts[:-1].view(num_classes, num_classes)
 
 
@@ -59,7 +63,9 @@ class SegmentationIoU:
         iou = iou_from_confusion(self.conf).cpu()
         per_class: Dict[str, float] = {n: float(v) * 100 for n, v in zip(self.class_names, iou)}
         present = iou[~torch.isnan(iou)]
-        miou = float(present.mean()) * 100 if present.numel() else float("nan")
+        miou = float(torch.nan_to_num(iou, nan=0.0).mean()) * 100  # semantic-kitti-api: absent = 0
+        miou_present = float(present.mean()) * 100 if present.numel() else float("nan")
         total = self.conf.sum()
         acc = float(self.conf.diagonal().sum().double() / total.clamp_min(1)) * 100
-        return {"miou": miou, "accuracy": acc, "iou": per_class}
+        return {"miou": miou, "miou_present": miou_present, "accuracy": acc, "iou": per_class,
+                "points": int(total)}

@@ -10,10 +10,11 @@ the property is testable on a GPU-less machine:
 * at the ATen level (a ``TorchDispatchMode``, which also sees autograd's backward),
   every op whose result needs a device value on the host: ``_local_scalar_dense``
   (``item``, ``bool``, ``int``, ``float``), ``nonzero``, ``equal``, ``is_nonzero``,
-  ``masked_select``, ``unique``, boolean-mask ``index`` / ``index_put_``,
-  ``repeat_interleave`` without ``output_size``, a copy from an accelerator to the CPU;
+  ``masked_select``, ``unique``, ``bincount``, ``histc`` without a range, boolean-mask
+  ``index`` / ``index_put_``, ``repeat_interleave`` without ``output_size``, a copy from an
+  accelerator to the CPU;
 * at the Python level (a ``TorchFunctionMode``), ``Tensor.tolist`` / ``numpy`` /
-  ``cpu``, which never reach the dispatcher as an op.
+  ``cpu`` and ``np.asarray(t)``, which never reach the dispatcher as an op.
 
 On CUDA the context also turns on ``set_sync_debug_mode("error")`` for the
 synchronisations inside CUDA kernels' host code that neither mode can see.
@@ -44,8 +45,10 @@ _SYNC_OPS = {  # aten overload packet name -> what the user probably wrote
     "masked_select": "masked_select / t[mask]",
     "_unique": "torch.unique", "_unique2": "torch.unique", "unique_dim": "torch.unique",
     "unique_consecutive": "torch.unique_consecutive",
+    "bincount": "torch.bincount (its output size is max(input) + 1; use scatter_add_ into a fixed size)",
 }
-_PY_METHODS = {"tolist": "Tensor.tolist()", "numpy": "Tensor.numpy()", "cpu": "Tensor.cpu()"}
+_PY_METHODS = {"tolist": "Tensor.tolist()", "numpy": "Tensor.numpy()", "cpu": "Tensor.cpu()",
+               "__array__": "np.asarray(t) / np.array(t)"}
 
 
 def _has_bool_index(indices) -> bool:
@@ -64,6 +67,11 @@ class _SyncDispatchMode(TorchDispatchMode):
         elif why is None and name == "repeat_interleave":
             if kwargs.get("output_size") is None and torch.is_tensor(args[0 if len(args) == 1 else 1]):
                 why = "repeat_interleave with tensor repeats and no output_size"
+        elif why is None and name == "histc":
+            lo = args[2] if len(args) > 2 else kwargs.get("min", 0)
+            hi = args[3] if len(args) > 3 else kwargs.get("max", 0)
+            if lo == hi:
+                why = "torch.histc without a range (min == max: it reads the data's range)"
         elif why is None and name == "_to_copy":
             src, dst = args[0].device, kwargs.get("device")
             if dst is not None and torch.device(dst).type == "cpu" and src.type != "cpu":

@@ -353,3 +353,37 @@ def test_broadcast_module_gives_every_rank_rank0_weights(tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
     torch.testing.assert_close(a["weight"], want["weight"], rtol=0, atol=0)
+
+
+def test_prediction_files_score_like_the_evaluation(data_root, tmp_path):
+    """tools/test.py's path: the .label files written for val, read back through the raw
+    label map, give the same confusion as the in-memory evaluation."""
+    from pcseg_kd.data.kitti.reader import read_label
+    from pcseg_kd.engine.predict import split_dataset_cfg, test_checkpoint
+    from pcseg_kd.metrics import SegmentationIoU
+    from pcseg_kd.registry import DATASETS
+
+    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+    kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    res = test_checkpoint(cfg, tmp_path / "student" / "final.pt", "val", tmp_path / "preds", batch_size=2,
+                          progress=False)
+    val = DATASETS.build(split_dataset_cfg(cfg, "val"))
+    assert res["written"] == len(val) and res["scans"] == len(val)
+    metric = SegmentationIoU(19, 255)
+    for frame in val.frames:
+        seq, name = frame.frame_id.split("/")
+        n = frame.scan.stat().st_size // 16
+        raw, inst = read_label(tmp_path / "preds" / "sequences" / seq / "predictions" / f"{name}.label", n)
+        assert (inst == 0).all()
+        pred = torch.as_tensor(val.label_map.to_train(raw, "pred", "error").astype("int64"))
+        gt, _ = read_label(frame.label, n)
+        metric.update(pred, torch.as_tensor(val.label_map.to_train(gt, frame.label, "error").astype("int64")))
+    want = metric.compute()
+    assert want["points"] == res["metrics"]["all"]["points"]
+    assert want["miou"] == pytest.approx(res["metrics"]["all"]["miou"])
+    with pytest.raises(ValueError, match="predicts in-view points only"):
+        test_checkpoint(cfg, tmp_path / "teacher" / "final.pt", "val", tmp_path / "tp", progress=False)
+    test_cfg = split_dataset_cfg(cfg, "test")
+    assert test_cfg["split"] == "test" and test_cfg["load_labels"] is False and "sequences" not in test_cfg
+    with pytest.raises(ValueError, match="split must be"):
+        split_dataset_cfg(cfg, "dev")

@@ -183,10 +183,14 @@ def student_loss(distiller, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, 
 
 
 # ----------------------------------------------------------------------------- optimisation
-def build_optimizer(params, o) -> torch.optim.Optimizer:
+def build_optimizer(params, o, device: torch.device = torch.device("cpu")) -> torch.optim.Optimizer:
+    # fused on CUDA: one kernel per step, and GradScaler hands it found_inf on the device
+    # instead of reading it back (the non-fused path syncs every AMP step for that)
+    fused = device.type == "cuda"
     if o.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay, nesterov=o.momentum > 0)
+        return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused)
+    return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                           nesterov=o.momentum > 0, fused=fused)
 
 
 def build_scheduler(opt, o, steps_per_epoch: int):
@@ -208,6 +212,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
     where student and teacher compare); confusion matrices are summed over ranks."""
     from tqdm import tqdm
 
+    was_training = model.training
     model.eval()
     rows = rows_of(model)
     metrics = {"all": SegmentationIoU(num_classes, ignore_index, class_names),
@@ -228,7 +233,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
         all_reduce_sum(m.conf, env)
         if m.conf.sum() > 0:
             out[key] = m.compute()
-    model.train()
+    model.train(was_training)
     return out
 
 
@@ -353,7 +358,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         distiller.to(device)
         broadcast_module(distiller, env)  # outside DDP: start every rank from rank 0's regressors
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
-    opt = build_optimizer(params, o)
+    opt = build_optimizer(params, o, device)
     sched = build_scheduler(opt, o, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: List[Dict[str, Any]] = []

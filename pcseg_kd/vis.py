@@ -1,0 +1,102 @@
+"""Pictures of a scan: labels and predictions from above, and projected into the camera.
+
+matplotlib renders everything to PNG (headless machines included). open3d, an optional extra
+(``pip install 'pcseg_kd[vis]'``; it needs the system's ``libusb-1.0-0``), adds an interactive
+3D viewer; when it cannot be imported the caller is told why and the PNG path still works.
+Colours are the official ``color_map`` of ``semantic-kitti.yaml``; unlabeled / ignored points
+are grey.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence, Tuple
+
+import numpy as np
+
+GREY = np.array([0.6, 0.6, 0.6])
+
+
+def class_colours(train_ids: np.ndarray, colors_rgb: np.ndarray) -> np.ndarray:
+    """(N,) train ids (anything outside 0..C-1, e.g. 255, is grey) -> (N, 3) floats in [0, 1]."""
+    ids = np.asarray(train_ids).astype(np.int64)
+    out = np.tile(GREY, (len(ids), 1))
+    ok = (ids >= 0) & (ids < len(colors_rgb))
+    out[ok] = colors_rgb[ids[ok]] / 255.0
+    return out
+
+
+def render_scan(points: np.ndarray, panels: Dict[str, np.ndarray], colors_rgb: np.ndarray,
+                class_names: Sequence[str], out: Path, image: Optional[np.ndarray] = None,
+                lidar_to_image: Optional[np.ndarray] = None, bev_range: float = 50.0,
+                title: str = "", dpi: int = 110) -> Path:
+    """One row per panel (e.g. ``{"labels": ..., "prediction": ...}``): a bird's-eye view of
+    the scan coloured by class and, with ``image`` and ``lidar_to_image``, the in-view points
+    drawn over the camera image. Writes ``out`` (PNG) and returns it."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    from .data.kitti.projection import project_to_image
+
+    if not panels:
+        raise ValueError("render_scan: nothing to draw (no labels and no predictions)")
+    for name, ids in panels.items():
+        if len(ids) != len(points):
+            raise ValueError(f"render_scan: {name} has {len(ids)} entries for {len(points)} points")
+    proj = None
+    if image is not None and lidar_to_image is not None:
+        proj = project_to_image(points[:, :3], lidar_to_image, image.shape[:2])
+    cols = 2 if proj is not None else 1
+    fig, axes = plt.subplots(len(panels), cols, figsize=(6 * cols + (6 if cols == 2 else 0), 5.5 * len(panels)),
+                             squeeze=False, gridspec_kw={"width_ratios": [1, 2] if cols == 2 else [1]})
+    near = (np.abs(points[:, 0]) < bev_range) & (np.abs(points[:, 1]) < bev_range)
+    for row, (name, ids) in enumerate(panels.items()):
+        colours = class_colours(ids, colors_rgb)
+        ax = axes[row, 0]
+        ax.scatter(points[near, 0], points[near, 1], c=colours[near], s=0.5, linewidths=0)
+        ax.set_aspect("equal")
+        ax.set_xlim(-bev_range, bev_range)
+        ax.set_ylim(-bev_range, bev_range)
+        ax.set_title(f"{name}: bird's-eye view (x forward, m)")
+        if proj is not None:
+            ax = axes[row, 1]
+            ax.imshow(image)
+            iv = proj.in_view
+            ax.scatter(proj.uv[iv, 0], proj.uv[iv, 1], c=colours[iv], s=3, linewidths=0)
+            ax.set_xlim(0, image.shape[1])
+            ax.set_ylim(image.shape[0], 0)
+            ax.set_axis_off()
+            ax.set_title(f"{name}: {int(iv.sum())} points in the camera's view")
+    present = sorted({int(i) for ids in panels.values() for i in np.unique(ids) if 0 <= i < len(class_names)})
+    handles = [Patch(color=colors_rgb[i] / 255.0, label=class_names[i]) for i in present]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7) or 1, fontsize=8, frameon=False)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
+
+
+def open3d_or_reason() -> Tuple[Optional[object], str]:
+    """(the open3d module, "") or (None, why it is unavailable and how to get it)."""
+    try:
+        import open3d  # noqa: F401
+        return open3d, ""
+    except ImportError as e:
+        hint = (" (open3d needs the system library libusb-1.0: apt-get install libusb-1.0-0)"
+                if "libusb" in str(e) else "")
+        return None, (f"open3d is not available ({e}){hint}; install it with pip install 'pcseg_kd[vis]'. "
+                      "The PNG rendering does not need it.")
+
+
+def show_open3d(points: np.ndarray, train_ids: np.ndarray, colors_rgb: np.ndarray, title: str = "") -> None:
+    o3d, why = open3d_or_reason()
+    if o3d is None:
+        raise RuntimeError(why)
+    cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].astype(np.float64)))
+    cloud.colors = o3d.utility.Vector3dVector(class_colours(train_ids, colors_rgb))
+    o3d.visualization.draw_geometries([cloud], window_name=title or "pcseg_kd")

@@ -25,6 +25,6 @@ setup(
         "spconv": ["spconv>=2.3"],  # CPU build; GPU users install spconv-cu1xx instead
         "vis": ["open3d>=0.17"],
         "tensorboard": ["tensorboard>=2.10"],
-        "test": ["pytest>=7", "triton>=3.0", "spconv>=2.3"],
+        "test": ["pytest>=7", "triton>=3.0", "spconv>=2.3", "tensorboard>=2.10"],
     },
 )

@@ -387,3 +387,19 @@ def test_prediction_files_score_like_the_evaluation(data_root, tmp_path):
     assert test_cfg["split"] == "test" and test_cfg["load_labels"] is False and "sequences" not in test_cfg
     with pytest.raises(ValueError, match="split must be"):
         split_dataset_cfg(cfg, "dev")
+
+
+def test_tensorboard_events_or_a_clear_error(data_root, tmp_path, monkeypatch):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'pcseg_kd[tensorboard]')")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]", tensorboard="true"))
+    kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    events = EventAccumulator(str(tmp_path / "teacher" / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss_logits", "loss_point_logits", "loss_image_logits", "lr", "val/in_view/miou"} <= tags
+    assert [e.step for e in events.Scalars("loss_logits")] == [1, 2]
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
+    with pytest.raises(ConfigError, match=r"tensorboard: tensorboard: true needs the tensorboard package"):
+        load_kitti_experiment(QUICK, ["tensorboard=true"])

@@ -32,6 +32,7 @@ from ..metrics.miou import SegmentationIoU
 from ..registry import DATASETS, DISTILLERS, MODELS
 from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_module
+from .loggers import StageLogger
 from .kitti_data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
 
 HEAD_ROWS = {"point_logits": "points", "image_logits": "in_view"}  # other heads of a teacher's output
@@ -227,12 +228,6 @@ def check_fingerprint(path: Path, saved: Optional[Dict[str, Any]], now: Dict[str
                              f"delete {path.parent} to train this stage again, or use another --work-dir")
 
 
-def _log(path: Path, record: Dict[str, Any], env: DistEnv) -> None:
-    if env.is_main:
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
 def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds,
                 progress: bool = True) -> StageResult:
     from tqdm import tqdm
@@ -315,7 +310,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if val_ds is not None:
         val_sampler = ShardedBatchSampler(len(val_ds), o.batch_size, False, cfg["seed"], env, drop_last=False)
         val_loader = make_loader(val_ds, val_sampler, cfg["data"]["num_workers"], device)
-    log_path = stage_dir / "log.jsonl"
+    logger = StageLogger(stage_dir, env, cfg.get("tensorboard", False))
+    log_path = logger.path
     metrics: Dict[str, Any] = {}
     ddp.train()
     for epoch in range(start_epoch, o.epochs + 1):
@@ -358,7 +354,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                 values = dict(zip(losses, (stacked / env.world_size).tolist()))  # the step's only host sync
                 record = {"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
                           "lr": sched.get_last_lr()[0], **values}
-                _log(log_path, record, env)
+                logger.log(record, global_step)
                 bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
                 if not all(math.isfinite(v) for v in values.values()):
                     raise FloatingPointError(f"[{stage}] non-finite loss at epoch {epoch} step {step_in_epoch}: "
@@ -374,7 +370,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                                   "accuracy": v["accuracy"], "points": v["points"]}
                                               for k, v in metrics.items()}, "seconds": time.perf_counter() - t0}
             history.append(record)
-            _log(log_path, record, env)
+            logger.log(record, global_step)
             checkpoint(epoch + 1, 0)  # again, with this validation in its history
             if env.is_main:
                 print(f"[{stage}] epoch {epoch}: " + ", ".join(f"val mIoU ({k}) {v['miou']:.2f}"
@@ -386,6 +382,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
                                 "config": cfg, "fingerprint": fingerprint})
         atomic_write_text(stage_dir / "metrics.json", json.dumps({"final": metrics, "history": history}, indent=2) + "\n")
+    logger.close()
     barrier(env)
     return StageResult(metrics, final)
 

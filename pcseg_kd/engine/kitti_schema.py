@@ -74,6 +74,7 @@ class KittiExperimentConfig:
     eval_interval: int = 1          # epochs between validations (the last epoch is always validated)
     log_interval: int = 20          # steps between logged losses (the only host syncs of a step)
     checkpoint_interval: int = 0    # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
+    tensorboard: bool = False       # also write the logged losses and validations as TensorBoard events (WORK/<stage>/tb)
     seed: int = 0
     device: str = "auto"            # "auto" | "cuda" | "cpu"
     threads: int = 0                # torch intra-op threads; 0 = torch default

@@ -82,6 +82,9 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
                ("log_interval", at_least("log_interval", 1)),
                ("checkpoint_interval", at_least("checkpoint_interval", 0)),
                ("teacher.loss_weights", loss_weights)]
+    if out["tensorboard"]:
+        from .loggers import check_tensorboard
+        checks.append(("tensorboard", check_tensorboard))
     _run_checks(checks, prov)
     return out
 

@@ -44,29 +44,39 @@ def write_table(tmp_path, root, **extra):
     return path
 
 
-def test_table_runs_each_cell_once_and_writes_markdown(data_root, tmp_path):
-    table = load_table(str(write_table(tmp_path, data_root)))
+def test_table_runs_each_cell_once_per_seed_and_writes_markdown(data_root, tmp_path):
+    table = load_table(str(write_table(tmp_path, data_root, seeds=[0, 1])))
     runs = cell_configs(table, tmp_path / "w")
-    assert [(r["row"], r["col"]) for r in runs] == [("img", "teacher"), ("fus", "teacher"), ("*", "none"),
-                                                    ("img", "pssm"), ("fus", "pssm")]
-    assert runs[3]["cfg"]["teacher_checkpoint"].endswith("teachers/img/teacher/final.pt")
+    one_seed = [("img", "teacher"), ("fus", "teacher"), ("*", "none"), ("img", "pssm"), ("fus", "pssm")]
+    assert [(r["row"], r["col"]) for r in runs] == one_seed * 2
+    assert [r["seed"] for r in runs] == [0] * 5 + [1] * 5 and runs[7]["cfg"]["seed"] == 1
+    assert runs[3]["cfg"]["teacher_checkpoint"].endswith("seed0/teachers/img/teacher/final.pt")
+    assert runs[8]["cfg"]["teacher_checkpoint"].endswith("seed1/teachers/img/teacher/final.pt")
     assert runs[1]["cfg"]["teacher"]["model"]["type"] == "fusion_teacher"
     assert runs[0]["cfg"]["teacher"]["model"]["type"] == "resnet_fcn"
     res = run_table(table, tmp_path / "w", DistEnv(), progress=False)
     assert set(res) == {"img", "fus"} and res["img"]["none"] == res["fus"]["none"]  # one shared baseline
-    assert all(v is not None for row in res.values() for v in row.values())
+    for row in res.values():
+        for cell in row.values():
+            vals = list(cell["by_seed"].values())
+            assert cell["n"] == 2 and cell["mean"] == pytest.approx(sum(vals) / 2)
+            assert cell["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
     md = (tmp_path / "w" / "results.md").read_text()
     assert "| teacher | teacher | none | pssm | best Δ vs none |" in md
-    assert f"{res['img']['none']:.2f} (59.68)" in md
+    none = res["img"]["none"]
+    assert f"{none['mean']:.2f} ± {none['std']:.2f} (59.68)" in md and "over seeds [0, 1]" in md
     assert json.loads((tmp_path / "w" / "results.json").read_text()) == res
-    stamp = (tmp_path / "w" / "students" / "img-pssm" / "student" / "final.pt").stat().st_mtime_ns
+    final = tmp_path / "w" / "seed1" / "students" / "img-pssm" / "student" / "final.pt"
+    stamp = final.stat().st_mtime_ns
     assert run_table(table, tmp_path / "w", DistEnv(), progress=False) == res  # finished cells are skipped
-    assert (tmp_path / "w" / "students" / "img-pssm" / "student" / "final.pt").stat().st_mtime_ns == stamp
+    assert final.stat().st_mtime_ns == stamp
 
 
 def test_table_config_errors(data_root, tmp_path):
     with pytest.raises(ConfigError, match="metric must be"):
         load_table(str(write_table(tmp_path, data_root, metric="everything")))
+    with pytest.raises(ConfigError, match="seeds must be"):
+        load_table(str(write_table(tmp_path, data_root, seeds=[1, 1])))
     with pytest.raises(ConfigError, match="teachers and methods"):
         load_table(str(write_table(tmp_path, data_root, methods={})))
     bad = load_table(str(write_table(tmp_path, data_root, methods={"x": ["distiller.betta=3"]})))

@@ -28,6 +28,7 @@ class KittiTableConfig:
     methods: Dict[str, List[str]] = field(default_factory=dict)   # column label -> overrides
     paper: Dict[str, Dict[str, float]] = field(default_factory=dict)  # row -> {column or "teacher": mIoU}
     metric: str = "all"                                           # student score: "all" or "in_view"
+    seeds: List[int] = field(default_factory=lambda: [0])         # every cell (teachers too) once per seed
 
 
 def load_table(path: str, overrides: List[str] = ()) -> Dict[str, Any]:
@@ -43,32 +44,39 @@ def load_table(path: str, overrides: List[str] = ()) -> Dict[str, Any]:
         raise ConfigError(f"{path}: teachers and methods must both name at least one entry")
     if out["metric"] not in ("all", "in_view"):
         raise ConfigError(f"{path}: metric must be 'all' or 'in_view', got {out['metric']!r}")
+    if not out["seeds"] or len(set(out["seeds"])) != len(out["seeds"]):
+        raise ConfigError(f"{path}: seeds must be a non-empty list of distinct seeds, got {out['seeds']}")
     return out
 
 
 def cell_configs(table: Dict[str, Any], work_dir: Path) -> List[Dict[str, Any]]:
-    """Every run of the table, in order, as (label, work folder, experiment config); each is
-    loaded and validated before anything trains, so a bad override fails first."""
+    """Every run of the table, in order (teachers first), as dicts of row, column, seed, work
+    folder and experiment config; each is loaded and validated before anything trains, so a
+    bad override fails first. A seed trains its own teachers and students."""
     from .runner import load_kitti_experiment
 
     runs = []
-    common = list(table["overrides"])
-    for row, t_over in table["teachers"].items():
-        cfg = load_kitti_experiment(table["base"], common + list(t_over) + ["stages=[teacher]"])
-        runs.append({"row": row, "col": "teacher", "dir": work_dir / "teachers" / row, "cfg": cfg})
-    baseline_done = False
-    for row, t_over in table["teachers"].items():
-        teacher_ckpt = work_dir / "teachers" / row / "teacher" / "final.pt"
-        for col, m_over in table["methods"].items():
-            cfg = load_kitti_experiment(table["base"], common + list(t_over) + list(m_over) + ["stages=[student]"])
-            if cfg["distiller"]["type"] == "none":  # no teacher involved: one run serves every row
-                if baseline_done:
+    for seed in table["seeds"]:
+        common = list(table["overrides"]) + [f"seed={seed}"]
+        tag = f"seed{seed}"
+        for row, t_over in table["teachers"].items():
+            cfg = load_kitti_experiment(table["base"], common + list(t_over) + ["stages=[teacher]"])
+            runs.append({"row": row, "col": "teacher", "seed": seed, "dir": work_dir / tag / "teachers" / row,
+                         "cfg": cfg})
+        baseline_done = False
+        for row, t_over in table["teachers"].items():
+            teacher_ckpt = work_dir / tag / "teachers" / row / "teacher" / "final.pt"
+            for col, m_over in table["methods"].items():
+                cfg = load_kitti_experiment(table["base"], common + list(t_over) + list(m_over) + ["stages=[student]"])
+                if cfg["distiller"]["type"] == "none":  # no teacher involved: one run serves every row
+                    if not baseline_done:
+                        baseline_done = True
+                        runs.append({"row": "*", "col": col, "seed": seed, "dir": work_dir / tag / "students" / col,
+                                     "cfg": cfg})
                     continue
-                baseline_done = True
-                runs.append({"row": "*", "col": col, "dir": work_dir / "students" / col, "cfg": cfg})
-                continue
-            cfg["teacher_checkpoint"] = str(teacher_ckpt)
-            runs.append({"row": row, "col": col, "dir": work_dir / "students" / f"{row}-{col}", "cfg": cfg})
+                cfg["teacher_checkpoint"] = str(teacher_ckpt)
+                runs.append({"row": row, "col": col, "seed": seed, "cfg": cfg,
+                             "dir": work_dir / tag / "students" / f"{row}-{col}"})
     return runs
 
 
@@ -76,17 +84,18 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
     from .kitti import run_kitti
 
     runs = cell_configs(table, work_dir)
-    results: Dict[str, Dict[str, Optional[float]]] = {row: {} for row in table["teachers"]}
+    per_seed: Dict[str, Dict[str, Dict[int, Optional[float]]]] = {row: {} for row in table["teachers"]}
     for run in runs:
         if env.is_main:
-            print(f"== {run['row']} / {run['col']} -> {run['dir']}", flush=True)
+            print(f"== seed {run['seed']}: {run['row']} / {run['col']} -> {run['dir']}", flush=True)
         out = run_kitti(run["cfg"], run["dir"], env, progress)
         stage = "teacher" if run["col"] == "teacher" else "student"
         metrics = out.get(stage, {})
         key = "in_view" if stage == "teacher" else table["metric"]
         value = metrics.get(key, {}).get("miou")
-        for row in (results if run["row"] == "*" else [run["row"]]):
-            results[row][run["col"]] = value
+        for row in (per_seed if run["row"] == "*" else [run["row"]]):
+            per_seed[row].setdefault(run["col"], {})[run["seed"]] = value
+    results = {row: {col: summarise(vals) for col, vals in cols.items()} for row, cols in per_seed.items()}
     baseline = next((r["col"] for r in runs if r["row"] == "*"), None)
     if env.is_main:
         atomic_write_text(work_dir / "results.json", json.dumps(results, indent=2) + "\n")
@@ -94,13 +103,24 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
     return results
 
 
-def markdown(table: Dict[str, Any], results: Dict[str, Dict[str, Optional[float]]],
+def summarise(by_seed: Dict[int, Optional[float]]) -> Dict[str, Any]:
+    """Mean and sample standard deviation over the seeds that produced a value, and every value."""
+    vals = [v for v in by_seed.values() if v is not None]
+    mean = sum(vals) / len(vals) if vals else None
+    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
+    return {"mean": mean, "std": std, "n": len(vals), "by_seed": {str(k): v for k, v in by_seed.items()}}
+
+
+def markdown(table: Dict[str, Any], results: Dict[str, Dict[str, Dict[str, Any]]],
              baseline: Optional[str] = None) -> str:
-    """``baseline``: the no-KD column, against which the best method's Δ is given."""
+    """Cells are mean ± std over seeds; ``baseline``: the no-KD column, against which the
+    best method's Δ (of the means) is given."""
     cols = ["teacher"] + list(table["methods"])
 
-    def fmt(v):
-        return "–" if v is None else f"{v:.2f}"
+    def fmt(cell):
+        if not cell or cell["mean"] is None:
+            return "–"
+        return f"{cell['mean']:.2f}" + (f" ± {cell['std']:.2f}" if cell["std"] is not None else "")
 
     lines = [f"# {table['name'] or 'SemanticKITTI'}: val mIoU (%), student scored on "
              f"{'full scans' if table['metric'] == 'all' else 'in-view points'}, teachers on in-view points",
@@ -110,11 +130,14 @@ def markdown(table: Dict[str, Any], results: Dict[str, Dict[str, Optional[float]
         paper = table["paper"].get(row, {})
         cells = [fmt(vals.get(c)) + (f" ({paper[c]:.2f})" if c in paper else "") for c in cols]
         extra = []
-        if baseline and vals.get(baseline) is not None:
-            deltas = [vals[c] - vals[baseline] for c in table["methods"]
-                      if c != baseline and vals.get(c) is not None]
+        base = (vals.get(baseline) or {}).get("mean") if baseline else None
+        if base is not None:
+            deltas = [vals[c]["mean"] - base for c in table["methods"]
+                      if c != baseline and (vals.get(c) or {}).get("mean") is not None]
             extra = [f"{max(deltas):+.2f}" if deltas else "–"]
         lines.append(f"| {row} | " + " | ".join(cells + extra) + " |")
-    lines += ["", "In parentheses: the paper's Table 6, where it reports the cell."]
+    seeds = table["seeds"]
+    lines += ["", f"Mean ± sample standard deviation over seeds {seeds} (± omitted for one seed). "
+              "In parentheses: the paper's Table 6, where it reports the cell."]
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ setup(
         "scikit-learn>=1.2",
         "matplotlib>=3.6",
         "pillow>=9",
+        "opencv-python-headless>=4.5",  # reads the KITTI camera images (and writes the synthetic ones)
     ],
     extras_require={
         "triton": ["triton>=3.0"],

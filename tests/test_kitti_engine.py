@@ -137,6 +137,9 @@ def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, monkeypatch
     monkeypatch.setattr(kitti, "student_loss", real)
     kitti.run_kitti(cfg, tmp_path / "killed", DistEnv(), progress=False)
     resumed = ckpt.load_checkpoint(tmp_path / "killed" / "student" / "final.pt")["model"]
+    steps = [json.loads(line)["global_step"] for line in
+             (tmp_path / "killed" / "student" / "log.jsonl").read_text().splitlines() if '"loss_ce"' in line]
+    assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # what the killed run logged past its checkpoint is dropped
     assert clean.keys() == resumed.keys()
     for k in clean:
         torch.testing.assert_close(resumed[k], clean[k], rtol=0, atol=0, msg=k)
@@ -168,6 +171,8 @@ def test_killed_during_the_last_validation_resumes_and_finishes(data_root, tmp_p
     for k, v in before["model"].items():
         torch.testing.assert_close(final["model"][k], v, rtol=0, atol=0)
     assert res["student"]["all"]["points"] > 0
+    history = json.loads((tmp_path / "student" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]  # the validation redone after the kill is recorded
 
 
 def test_changed_settings_are_refused_not_mixed(data_root, tmp_path):
@@ -270,6 +275,26 @@ def test_sharded_sampler_partitions_and_resumes():
     assert list(again) != batches[0]                        # a new epoch, a new order
     val = kitti.ShardedBatchSampler(5, 2, False, seed=0, env=DistEnv(rank=1, world_size=2), drop_last=False)
     assert list(val) == [[1, 3]] and len(val) == 1
+
+
+def test_experiment_seed_reaches_the_datasets_unless_they_set_their_own():
+    cfg = load_kitti_experiment(QUICK, ["seed=7"])
+    assert cfg["data"]["train"]["seed"] == cfg["data"]["val"]["seed"] == 7
+    cfg = load_kitti_experiment(QUICK, ["seed=7", "data.train.seed=3"])
+    assert cfg["data"]["train"]["seed"] == 3
+
+
+def test_a_moved_teacher_checkpoint_keeps_its_identity(data_root, tmp_path):
+    import shutil
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]"))
+    kitti.run_kitti(cfg, tmp_path / "t", DistEnv(), progress=False)
+    src = tmp_path / "t" / "teacher" / "final.pt"
+    dst = tmp_path / "elsewhere" / "teacher.pt"
+    dst.parent.mkdir()
+    shutil.copy(src, dst)  # new path and mtime, same weights and settings
+    a = kitti.teacher_fingerprint({"teacher_checkpoint": str(src)}, tmp_path)
+    b = kitti.teacher_fingerprint({"teacher_checkpoint": str(dst)}, tmp_path)
+    assert a == b == ckpt.load_checkpoint(src)["fingerprint"]
 
 
 def test_config_errors_name_the_key_and_source(data_root, tmp_path):
@@ -383,6 +408,11 @@ def test_prediction_files_score_like_the_evaluation(data_root, tmp_path):
     assert want["miou"] == pytest.approx(res["metrics"]["all"]["miou"])
     with pytest.raises(ValueError, match="predicts in-view points only"):
         test_checkpoint(cfg, tmp_path / "teacher" / "final.pt", "val", tmp_path / "tp", progress=False)
+    torch.save(ckpt.load_checkpoint(tmp_path / "student" / "final.pt")["model"], tmp_path / "bare.pt")
+    bare = test_checkpoint(cfg, tmp_path / "bare.pt", "val", progress=False)  # built from cfg["student"]["model"]
+    assert bare["metrics"]["all"]["miou"] == pytest.approx(res["metrics"]["all"]["miou"])
+    with pytest.raises(ValueError, match="no data.val"):
+        split_dataset_cfg({**cfg, "data": {**cfg["data"], "val": None}}, "val")
     test_cfg = split_dataset_cfg(cfg, "test")
     assert test_cfg["split"] == "test" and test_cfg["load_labels"] is False and "sequences" not in test_cfg
     with pytest.raises(ValueError, match="split must be"):

@@ -72,6 +72,14 @@ def test_table_runs_each_cell_once_per_seed_and_writes_markdown(data_root, tmp_p
     assert final.stat().st_mtime_ns == stamp
 
 
+def test_every_no_kd_column_gets_its_own_run(data_root, tmp_path):
+    table = load_table(str(write_table(tmp_path, data_root, methods={
+        "none": ["distiller={_delete_: true, type: none}"],
+        "none-long": ["distiller={_delete_: true, type: none}", "student.optim.epochs=2"]})))
+    cols = [(r["row"], r["col"]) for r in cell_configs(table, tmp_path / "w")]
+    assert cols == [("img", "teacher"), ("fus", "teacher"), ("*", "none"), ("*", "none-long")]
+
+
 def test_table_config_errors(data_root, tmp_path):
     with pytest.raises(ConfigError, match="metric must be"):
         load_table(str(write_table(tmp_path, data_root, metric="everything")))

@@ -4,9 +4,11 @@
     python tools/kitti_table.py configs/kitti/table6_quickstart.yaml      # synthetic, CPU minutes
     python tools/kitti_table.py configs/kitti/table6.yaml [key=value ...] [--work-dir DIR]
 
-Writes DIR/teachers/<row>/, DIR/students/<row>-<method>/ (each a tools/train.py work folder:
-rerunning resumes), DIR/results.json and DIR/results.md (the table, the paper's numbers in
-parentheses). Overrides apply to the table config (e.g. ``overrides=[student.optim.epochs=5]``).
+Writes, per seed S, DIR/seedS/teachers/<row>/, DIR/seedS/students/<row>-<method>/ and, for the
+no-KD column, DIR/seedS/students/<method>/ (each a tools/train.py work folder: config.yaml,
+metrics.json, stage folders; rerunning resumes), then DIR/results.json and DIR/results.md (the
+table, the paper's numbers in parentheses). Overrides apply to the table config (e.g.
+``overrides=[student.optim.epochs=5]``); each cell's ``device`` comes from its experiment config.
 """
 import sys
 from pathlib import Path
@@ -28,13 +30,13 @@ def main(argv=None):
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     try:
         table = load_table(args.config, args.overrides)
-        cell_configs(table, work_dir)  # every cell's config validated before anything trains
+        runs = cell_configs(table, work_dir)  # every cell's config validated before anything trains
     except (ConfigError, KeyError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}")
-    env = init_distributed(table.get("device", "auto") if isinstance(table, dict) else "auto")
+    env = init_distributed(runs[0]["cfg"]["device"])
     try:
         try:
-            run_table(table, work_dir, env, progress=not args.no_progress)
+            run_table(table, work_dir, env, progress=not args.no_progress, runs=runs)
         except (KittiDataError, FileNotFoundError, ResumeMismatch) as e:
             raise SystemExit(f"error: {e}")
         if env.is_main:

@@ -2,7 +2,7 @@
 """Score a trained SemanticKITTI model and write benchmark prediction files.
 
     python tools/test.py configs/kitti_fusion_pssm.yaml                        # student final.pt, val mIoU
-    python tools/test.py configs/kitti/quickstart.yaml --work-dir work_dirs/quickstart --predictions preds/
+    python tools/test.py configs/kitti/quickstart.yaml --work-dir work_dirs/quickstart --predictions preds/   # as trained
     python tools/test.py configs/kitti_fusion_pssm.yaml --split test --predictions submission/
     python tools/test.py CONFIG --checkpoint path/to/final.pt --stage teacher
 
@@ -49,16 +49,16 @@ def main(argv=None):
     checkpoint = Path(args.checkpoint) if args.checkpoint else work_dir / args.stage / "final.pt"
     try:
         result = test_checkpoint(cfg, checkpoint, args.split, Path(args.predictions) if args.predictions else None,
-                                 args.batch_size, not args.no_progress, resolve_device(args.device))
-    except (KittiDataError, FileNotFoundError, ResumeMismatch, ValueError) as e:
+                                 args.batch_size, not args.no_progress, resolve_device(args.device), args.stage)
+    except (KittiDataError, FileNotFoundError, ResumeMismatch, ValueError, TypeError, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     summary = {k: round(v["miou"], 2) for k, v in result.get("metrics", {}).items()}
     print(f"{checkpoint} on {args.split} ({result['scans']} scans): mIoU {json.dumps(summary)}"
           + (f"; wrote {result['written']} prediction files under {result['predictions']}" if "written" in result else ""))
     out = work_dir / f"test_{args.stage}_{args.split}.json"
-    if work_dir.is_dir():
-        write_json(out, result)
-        print(f"wrote {out}")
+    work_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out, result)
+    print(f"wrote {out}")
     return result
 
 

@@ -197,8 +197,13 @@ def teacher_fingerprint(cfg: Dict[str, Any], work_dir: Path) -> Dict[str, Any]:
     the identity (path, size, mtime) of an external ``teacher_checkpoint``."""
     if cfg.get("teacher_checkpoint"):
         p = Path(cfg["teacher_checkpoint"])
-        st = p.stat() if p.is_file() else None
-        return {"path": str(p.resolve()), "size": st.st_size if st else None, "mtime": st.st_mtime_ns if st else None}
+        if not p.is_file():
+            return {"path": str(p.resolve()), "missing": True}
+        stored = load_checkpoint(p).get("fingerprint") if p.suffix == ".pt" else None
+        if stored:  # a pcseg_kd final.pt: its settings, wherever the file has been moved or copied
+            return stored
+        st = p.stat()
+        return {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
     final = work_dir / "teacher" / "final.pt"
     return load_checkpoint(final).get("fingerprint", {}) if final.is_file() else {}
 
@@ -310,7 +315,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if val_ds is not None:
         val_sampler = ShardedBatchSampler(len(val_ds), o.batch_size, False, cfg["seed"], env, drop_last=False)
         val_loader = make_loader(val_ds, val_sampler, cfg["data"]["num_workers"], device)
-    logger = StageLogger(stage_dir, env, cfg.get("tensorboard", False))
+    logger = StageLogger(stage_dir, env, cfg.get("tensorboard", False), resume_step=global_step)
     log_path = logger.path
     metrics: Dict[str, Any] = {}
     ddp.train()
@@ -360,15 +365,18 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                     raise FloatingPointError(f"[{stage}] non-finite loss at epoch {epoch} step {step_in_epoch}: "
                                              f"{values} (see {log_path})")
             if cfg["checkpoint_interval"] and global_step % cfg["checkpoint_interval"] == 0 and step_in_epoch < steps:
+                # never save weights a non-finite loss has already touched (one host sync per checkpoint)
+                finite = all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1), env)
+                if float(finite) < env.world_size:
+                    raise FloatingPointError(f"[{stage}] non-finite loss at epoch {epoch} step {step_in_epoch}; "
+                                             f"not checkpointing it (see {log_path})")
                 checkpoint(epoch, step_in_epoch)
         bar.close()
         checkpoint(epoch + 1, 0)
         if val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs):
             metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index,
                                val_ds.class_names, progress)
-            record = {"epoch": epoch, "val": {k: {"miou": v["miou"], "miou_present": v["miou_present"],
-                                                  "accuracy": v["accuracy"], "points": v["points"]}
-                                              for k, v in metrics.items()}, "seconds": time.perf_counter() - t0}
+            record = val_record(epoch, metrics, time.perf_counter() - t0, global_step)
             history.append(record)
             logger.log(record, global_step)
             checkpoint(epoch + 1, 0)  # again, with this validation in its history
@@ -378,6 +386,9 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if val_loader is not None and not metrics:  # resumed after the last epoch's checkpoint
         metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index, val_ds.class_names,
                            progress)
+        record = val_record(o.epochs, metrics, 0.0, global_step)
+        history = [h for h in history if h.get("epoch") != o.epochs] + [record]
+        logger.log(record, global_step)
     if env.is_main:
         save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
                                 "config": cfg, "fingerprint": fingerprint})
@@ -385,6 +396,12 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     logger.close()
     barrier(env)
     return StageResult(metrics, final)
+
+
+def val_record(epoch: int, metrics: Dict[str, Any], seconds: float, global_step: int) -> Dict[str, Any]:
+    return {"epoch": epoch, "global_step": global_step, "val": {k: {"miou": v["miou"], "miou_present": v["miou_present"],
+                                        "accuracy": v["accuracy"], "points": v["points"]}
+                                    for k, v in metrics.items()}, "seconds": seconds}
 
 
 def _average_grads(module: nn.Module, env: DistEnv) -> None:

@@ -34,8 +34,9 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
                 print(f"data.synthetic: {root} has no sequences/, generating a synthetic SemanticKITTI "
                       f"({', '.join(sequences)}) there", flush=True)
                 # written aside and renamed into place: a killed generation leaves no half dataset
+                for stale in root.glob(".synthetic-*"):  # what killed generations left
+                    shutil.rmtree(stale, ignore_errors=True)
                 tmp = root / f".synthetic-{os.getpid()}"
-                shutil.rmtree(tmp, ignore_errors=True)
                 generate_dataset(tmp, sequences, SyntheticConfig(lidar=lidar, **spec), progress=True)
                 os.replace(tmp / "sequences", root / "sequences")
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..config import atomic_write_text
+from ..config import atomic_write_text, save_config
 from .distributed import DistEnv
 
 
@@ -63,14 +63,14 @@ def cell_configs(table: Dict[str, Any], work_dir: Path) -> List[Dict[str, Any]]:
             cfg = load_kitti_experiment(table["base"], common + list(t_over) + ["stages=[teacher]"])
             runs.append({"row": row, "col": "teacher", "seed": seed, "dir": work_dir / tag / "teachers" / row,
                          "cfg": cfg})
-        baseline_done = False
+        baselines_done = set()
         for row, t_over in table["teachers"].items():
             teacher_ckpt = work_dir / tag / "teachers" / row / "teacher" / "final.pt"
             for col, m_over in table["methods"].items():
                 cfg = load_kitti_experiment(table["base"], common + list(t_over) + list(m_over) + ["stages=[student]"])
                 if cfg["distiller"]["type"] == "none":  # no teacher involved: one run serves every row
-                    if not baseline_done:
-                        baseline_done = True
+                    if col not in baselines_done:
+                        baselines_done.add(col)
                         runs.append({"row": "*", "col": col, "seed": seed, "dir": work_dir / tag / "students" / col,
                                      "cfg": cfg})
                     continue
@@ -80,15 +80,22 @@ def cell_configs(table: Dict[str, Any], work_dir: Path) -> List[Dict[str, Any]]:
     return runs
 
 
-def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool = True) -> Dict[str, Any]:
+def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool = True,
+              runs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
+    """``runs``: the table's :func:`cell_configs`, if already loaded."""
     from .kitti import run_kitti
 
-    runs = cell_configs(table, work_dir)
+    runs = runs if runs is not None else cell_configs(table, work_dir)
     per_seed: Dict[str, Dict[str, Dict[int, Optional[float]]]] = {row: {} for row in table["teachers"]}
     for run in runs:
         if env.is_main:
             print(f"== seed {run['seed']}: {run['row']} / {run['col']} -> {run['dir']}", flush=True)
+        if env.is_main:  # each cell is an ordinary tools/train.py work folder
+            run["dir"].mkdir(parents=True, exist_ok=True)
+            save_config(run["cfg"], run["dir"] / "config.yaml")
         out = run_kitti(run["cfg"], run["dir"], env, progress)
+        if env.is_main:
+            atomic_write_text(run["dir"] / "metrics.json", json.dumps(out, indent=2) + "\n")
         stage = "teacher" if run["col"] == "teacher" else "student"
         metrics = out.get(stage, {})
         key = "in_view" if stage == "teacher" else table["metric"]
@@ -96,7 +103,7 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
         for row in (per_seed if run["row"] == "*" else [run["row"]]):
             per_seed[row].setdefault(run["col"], {})[run["seed"]] = value
     results = {row: {col: summarise(vals) for col, vals in cols.items()} for row, cols in per_seed.items()}
-    baseline = next((r["col"] for r in runs if r["row"] == "*"), None)
+    baseline = next((r["col"] for r in runs if r["row"] == "*"), None)  # the first no-KD column
     if env.is_main:
         atomic_write_text(work_dir / "results.json", json.dumps(results, indent=2) + "\n")
         atomic_write_text(work_dir / "results.md", markdown(table, results, baseline))

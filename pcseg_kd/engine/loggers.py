@@ -32,14 +32,31 @@ def _scalars(record: Dict[str, Any], prefix: str = "") -> Iterator[Tuple[str, fl
 
 
 class StageLogger:
-    def __init__(self, stage_dir: Path, env: DistEnv, tensorboard: bool = False):
+    def __init__(self, stage_dir: Path, env: DistEnv, tensorboard: bool = False, resume_step: int = 0):
+        """``resume_step``: the global step a resumed run restarts after; what the killed run
+        logged beyond it is dropped (it is about to be computed again)."""
         self.path = Path(stage_dir) / "log.jsonl"
         self.env = env
         self.writer = None
+        if env.is_main and self.path.is_file():
+            self._trim(resume_step)
         if tensorboard and env.is_main:
             check_tensorboard()
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(Path(stage_dir) / "tb"))
+            self.writer = SummaryWriter(log_dir=str(Path(stage_dir) / "tb"),
+                                        purge_step=resume_step + 1 if resume_step else None)
+
+    def _trim(self, resume_step: int) -> None:
+        from ..utils.io import atomic_write
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except ValueError:  # a line cut short by the kill
+                continue
+            if rec.get("global_step", 0) <= resume_step:
+                kept.append(line)
+        atomic_write(self.path, lambda f: f.write("".join(k + "\n" for k in kept)))
 
     def log(self, record: Dict[str, Any], step: int) -> None:
         if not self.env.is_main:

@@ -27,17 +27,24 @@ def split_dataset_cfg(cfg: Dict[str, Any], split: str) -> Dict[str, Any]:
     if split not in ("train", "val", "test"):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     data = cfg["data"]
-    base = dict(data["train"] if split == "train" or not data.get("val") else data["val"])
+    if split != "train" and not data.get("val"):
+        raise ValueError(f"--split {split}: the config has no data.val to score it with")
+    base = dict(data["train"] if split == "train" else data["val"])
     base["augment"] = False
     if split == "test":
-        base.pop("sequences", None)
+        # a submission needs every scan of 11-21 once: no subsets, no substituted frames
+        for key in ("sequences", "max_frames", "frame_stride", "skip_bad_frames"):
+            base.pop(key, None)
         base.update(split="test", load_labels=False)
     return base
 
 
 def load_model(checkpoint: Path, device: torch.device, model_cfg: Optional[Dict[str, Any]] = None):
+    """A final.pt (which names its model) or a bare state_dict of ``model_cfg``'s model."""
     state = load_checkpoint(checkpoint)
     weights = state.get("model", state)
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"{checkpoint}: neither a pcseg_kd final.pt nor a state_dict")
     model = MODELS.build(state.get("model_cfg") or model_cfg)
     load_weights(model, weights, checkpoint)
     return model.to(device).eval()
@@ -74,12 +81,18 @@ def write_predictions(model, loader, label_map, out_dir: Path, progress: bool = 
 
 def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str = "val",
                     predictions: Optional[Path] = None, batch_size: int = 1, progress: bool = True,
-                    device: Optional[torch.device] = None) -> Dict[str, Any]:
+                    device: Optional[torch.device] = None, stage: str = "student") -> Dict[str, Any]:
     """mIoU of ``checkpoint`` on ``split`` (unless it has no labels) and, with ``predictions``,
-    the prediction files. Single process."""
+    the prediction files. ``stage``: whose model config a bare state_dict is. Single process."""
     env = DistEnv(device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    ds = DATASETS.build(split_dataset_cfg(cfg, split))
-    model = load_model(checkpoint, env.device)
+    model = load_model(checkpoint, env.device, cfg[stage]["model"])
+    if predictions is not None and rows_of(model) != "points":
+        raise ValueError(f"{checkpoint}: {type(model).__name__} predicts in-view points only; prediction "
+                         "files need a per-point model (the student)")
+    ds_cfg = split_dataset_cfg(cfg, split)
+    if split == "test" and rows_of(model) == "points":
+        ds_cfg["load_image"] = False  # a LiDAR-only model needs no image_2 for 11-21
+    ds = DATASETS.build(ds_cfg)
     sampler = ShardedBatchSampler(len(ds), batch_size, False, cfg["seed"], env, drop_last=False)
     result: Dict[str, Any] = {"checkpoint": str(checkpoint), "split": split, "scans": len(ds)}
     if ds.load_labels:
@@ -89,5 +102,7 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str = "val",
         loader = make_loader(ds, sampler, cfg["data"]["num_workers"], env.device)
         result["predictions"] = str(predictions)
         result["written"] = write_predictions(model, loader, ds.label_map, Path(predictions), progress)
+        if result["written"] != len(ds.frames):
+            raise RuntimeError(f"wrote {result['written']} prediction files for {len(ds.frames)} scans")
     return result
 

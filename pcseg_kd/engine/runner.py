@@ -55,6 +55,9 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     import_all()
     cfg, prov = load_config_with_provenance(path, overrides, schema=KittiExperimentConfig)
     out = OmegaConf.to_container(cfg, resolve=True)
+    for split in ("train", "val"):  # the experiment's seed drives augmentation too, unless a dataset sets its own
+        if out["data"].get(split) is not None:
+            out["data"][split].setdefault("seed", out["seed"])
     checks = [("student.model", lambda: MODELS.build(out["student"]["model"])),
               ("student.optim", lambda: KittiOptimConfig(**out["student"]["optim"])),
               ("distiller", lambda: DISTILLERS.build(out["distiller"]))]

@@ -433,3 +433,29 @@ def test_tensorboard_events_or_a_clear_error(data_root, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if it were not installed
     with pytest.raises(ConfigError, match=r"tensorboard: tensorboard: true needs the tensorboard package"):
         load_kitti_experiment(QUICK, ["tensorboard=true"])
+
+
+def test_feature_distillers_get_the_in_view_features():
+    """A feature distiller (uses_features) receives the student's features at the in-view
+    rows and the teacher's; a logit distiller is not handed any."""
+    from pcseg_kd.distill.feature import FitNet, fitnet_loss
+    g = torch.Generator().manual_seed(2)
+    P, K, C = 200, 50, 19
+    labels = torch.randint(0, C, (P,), generator=g)
+    idx = torch.randperm(P, generator=g)[:K]
+    batch = {"labels": labels, "img_point_idx": idx}
+    s_out = {"logits": torch.randn(P, C, generator=g), "feats": torch.randn(P, 6, generator=g)}
+    t_out = {"logits": torch.randn(K, C, generator=g), "feats": torch.randn(K, 4, generator=g)}
+    fit = FitNet(kd_weight=2.0, ignore_index=255)
+    fit.build_modules(6, 4)
+    got = kitti.student_loss(fit, s_out, t_out, "points", "in_view", batch, 1)["loss_kd"]
+    want = 2.0 * fitnet_loss(fit.regressor(s_out["feats"][idx].unsqueeze(0)).squeeze(0), t_out["feats"])
+    torch.testing.assert_close(got, want)
+
+    class Spy(kitti.DISTILLERS.get("kd")):
+        def kd_term(self, *a, **extras):
+            assert not extras  # no feature gathers for logit distillers
+            return super().kd_term(*a)
+
+    assert torch.isfinite(kitti.student_loss(Spy(ignore_index=255), s_out, t_out, "points", "in_view", batch,
+                                             1)["loss_kd"])

@@ -42,7 +42,11 @@ class Distiller(nn.Module):
     """Base: ``ce_weight * CE + kd_weight * warmup * kd_term``.
 
     ``ignore_index``: target value of rows that get no loss and are not counted.
+    ``uses_features``: the method reads ``student_feats`` / ``teacher_feats`` (engines
+    gather them only then).
     """
+
+    uses_features = False
 
     def __init__(self, ce_weight: float = 1.0, kd_weight: float = 1.0, warmup_epochs: int = 0,
                  ignore_index: Optional[int] = None):
@@ -66,10 +70,11 @@ class Distiller(nn.Module):
         return bool(self.kd_weight) and type(self).kd_term is not Distiller.kd_term
 
     def kd_loss(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, epoch: int = 1,
-                **extras: Any) -> Tensor:
+                valid: Optional[Tensor] = None, **extras: Any) -> Tensor:
         """``kd_weight · warm-up · kd_term`` alone, reduced over the rows: what SemanticKITTI
         adds on the in-view points while its cross entropy covers every point."""
-        valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
+        if valid is None:
+            valid = torch.ones_like(target, dtype=torch.bool) if self.ignore_index is None else target != self.ignore_index
         scale = self.kd_weight * warmup_factor(epoch, self.warmup_epochs)
         return scale * self.kd_term(student_logits, teacher_logits.detach(), target, valid, **extras)
 
@@ -78,9 +83,7 @@ class Distiller(nn.Module):
         ce, valid = ce_rows(student_logits, target, self.ignore_index)
         losses = {"loss_ce": self.ce_weight * row_mean(ce, valid)}
         if self.has_kd and teacher_logits is not None:
-            scale = self.kd_weight * warmup_factor(epoch, self.warmup_epochs)
-            losses["loss_kd"] = scale * self.kd_term(student_logits, teacher_logits.detach(), target,
-                                                     valid, **extras)
+            losses["loss_kd"] = self.kd_loss(student_logits, teacher_logits, target, epoch, valid, **extras)
         return losses
 
 

@@ -21,12 +21,14 @@ def save_checkpoint(path: os.PathLike | str, state: Dict[str, Any]) -> Path:
     return atomic_write(path, lambda f: torch.save(state, f), binary=True)
 
 
-def load_checkpoint(path: os.PathLike | str, map_location: Any = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: os.PathLike | str, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+    """``mmap=True``: tensors are mapped, not read (for a checkpoint's metadata: a fingerprint,
+    metrics), so looking into a large final.pt costs no more than its small entries."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        return torch.load(path, map_location=map_location, weights_only=False)
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
     except Exception as e:  # truncated or not a torch file
         raise RuntimeError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); delete it to "
                            "start the stage again") from e

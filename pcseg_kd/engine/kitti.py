@@ -91,7 +91,7 @@ def student_loss(distiller, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, 
     losses = {"loss_ce": distiller.ce_weight * ce_mean(s_out["logits"], labels, distiller.ignore_index)}
     if t_out is not None and distiller.has_kd:
         extras = {}
-        if "feats" in s_out and "feats" in t_out:
+        if distiller.uses_features:  # logit distillers: no [K, D] gathers per step
             extras = {"student_feats": in_view(s_out["feats"], s_rows, batch),
                       "teacher_feats": in_view(t_out["feats"], t_rows, batch).detach()}
         losses["loss_kd"] = distiller.kd_loss(in_view(s_out["logits"], s_rows, batch),
@@ -199,13 +199,13 @@ def teacher_fingerprint(cfg: Dict[str, Any], work_dir: Path) -> Dict[str, Any]:
         p = Path(cfg["teacher_checkpoint"])
         if not p.is_file():
             return {"path": str(p.resolve()), "missing": True}
-        stored = load_checkpoint(p).get("fingerprint") if p.suffix == ".pt" else None
+        stored = load_checkpoint(p, mmap=True).get("fingerprint") if p.suffix == ".pt" else None
         if stored:  # a pcseg_kd final.pt: its settings, wherever the file has been moved or copied
             return stored
         st = p.stat()
         return {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
     final = work_dir / "teacher" / "final.pt"
-    return load_checkpoint(final).get("fingerprint", {}) if final.is_file() else {}
+    return load_checkpoint(final, mmap=True).get("fingerprint", {}) if final.is_file() else {}
 
 
 def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int, use_amp: bool,
@@ -256,7 +256,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         distiller = DISTILLERS.build({**cfg["distiller"], "ignore_index": train_ds.ignore_index})
     fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller)
     if final.is_file():
-        state = load_checkpoint(final)
+        state = load_checkpoint(final, mmap=True)  # its fingerprint and metrics only
         # a finished stage can be reused on another number of processes
         check_fingerprint(final, state.get("fingerprint"), fingerprint, ignore=("world_size", "steps_per_epoch"))
         if env.is_main:

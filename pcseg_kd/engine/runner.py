@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
+import torch
 from omegaconf import OmegaConf
 
 from ..config import CLI, ConfigError, atomic_write_text, load_config_with_provenance, save_config
@@ -58,11 +59,18 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     for split in ("train", "val"):  # the experiment's seed drives augmentation too, unless a dataset sets its own
         if out["data"].get(split) is not None:
             out["data"][split].setdefault("seed", out["seed"])
-    checks = [("student.model", lambda: MODELS.build(out["student"]["model"])),
+    def model(section):
+        # built on the meta device: the constructor's checks run, no weights are allocated
+        def build():
+            with torch.device("meta"):
+                MODELS.build(section)
+        return build
+
+    checks = [("student.model", model(out["student"]["model"])),
               ("student.optim", lambda: KittiOptimConfig(**out["student"]["optim"])),
               ("distiller", lambda: DISTILLERS.build(out["distiller"]))]
     if "teacher" in out["stages"] and not out.get("teacher_checkpoint"):
-        checks += [("teacher.model", lambda: MODELS.build(out["teacher"]["model"])),
+        checks += [("teacher.model", model(out["teacher"]["model"])),
                    ("teacher.optim", lambda: KittiOptimConfig(**out["teacher"]["optim"]))]
 
     def stages():

@@ -93,6 +93,7 @@ class CRD(Distiller):
     ``feat_dim``: embedding width; ``momentum``: bank momentum; ``seed``: seed of the
     negative sampler (its generator lives on the features' device).
     """
+    uses_features = True
 
     def __init__(self, feat_dim: int = 128, num_negatives: int = 16384, temperature: float = 0.07,
                  momentum: float = 0.5, eps: float = 1e-7, seed: int = 0, kd_weight: float = 0.8,

@@ -35,6 +35,7 @@ class FitNet(Distiller):
 
     ``regressor``: False skips it (then widths must match).
     """
+    uses_features = True
 
     def __init__(self, regressor: bool = True, kd_weight: float = 100.0, **base: Any):
         super().__init__(kd_weight=kd_weight, **base)

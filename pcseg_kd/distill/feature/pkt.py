@@ -43,6 +43,7 @@ def pkt_loss(f_s: Tensor, f_t: Tensor, valid: Optional[Tensor] = None, eps: floa
 @DISTILLERS.register_module("pkt")
 class PKT(Distiller):
     """CE + ``kd_weight`` · PKT(student_feats, teacher_feats)."""
+    uses_features = True
 
     def __init__(self, eps: float = 1e-7, kd_weight: float = 30000.0, **base: Any):
         super().__init__(kd_weight=kd_weight, **base)

@@ -50,20 +50,14 @@ def triplet_angles(f: Tensor, eps: float = 1e-12) -> Tensor:
     Computed from the Gram matrix G (<f_j - f_i, f_k - f_i> = G_jk - G_ij - G_ik + G_ii),
     so the cost is O(N²·D + N³) instead of mdistiller's O(N³·D). Angles are translation
     invariant, so the features are centred first: that keeps G small and the expansion
-    from cancelling in float32.
+    from cancelling in float32. (The same helpers as the chunked :class:`_AngleLoss`, all
+    anchors at once.)
     """
-    f = f - f.mean(-2, keepdim=True)
-    g = f @ f.transpose(-1, -2)
-    diag = g.diagonal(dim1=-2, dim2=-1)
-    dot = g.unsqueeze(-3) - g.unsqueeze(-1) - g.unsqueeze(-2) + diag[..., :, None, None]
-    sq = diag.unsqueeze(-1) + diag.unsqueeze(-2) - 2.0 * g  # |f_j - f_i|², entry (i, j)
     n = f.shape[-2]
+    g, r = _gram_and_inverse_norms(f.reshape(-1, n, f.shape[-1]), eps)
     eye = torch.eye(n, dtype=torch.bool, device=f.device)
-    # a norm of 1 on the diagonal keeps 0/0 (and sqrt's infinite slope at 0) out of the graph
-    norm = torch.where(eye, torch.ones_like(sq), sq.clamp_min(eps * eps).sqrt().clamp_min(eps))
-    cos = dot / (norm.unsqueeze(-1) * norm.unsqueeze(-2))
-    degenerate = eye.unsqueeze(-1) | eye.unsqueeze(-2)  # (i, j, ·) with i == j, or (i, ·, k) with i == k
-    return cos.masked_fill(degenerate, 0.0)
+    cos, _, _ = _chunk_cos(g, r, slice(0, n), eye)
+    return cos.reshape(*f.shape[:-2], n, n, n)
 
 
 def _gram_and_inverse_norms(f: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
@@ -185,6 +179,7 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weig
 class RKD(Distiller):
     """CE + ``kd_weight`` · RKD(student_feats, teacher_feats). The angle term costs N³ memory
     per model: keep batches moderate (N = 128 → 2M entries)."""
+    uses_features = True
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False,
                  eps: float = 1e-12, **base: Any):

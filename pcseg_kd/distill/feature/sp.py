@@ -39,6 +39,7 @@ def sp_loss(f_s: Tensor, f_t: Tensor, valid: Optional[Tensor] = None, eps: float
 @DISTILLERS.register_module("sp")
 class SP(Distiller):
     """CE + ``kd_weight`` · SP(student_feats, teacher_feats)."""
+    uses_features = True
 
     def __init__(self, eps: float = 1e-12, kd_weight: float = 3000.0, **base: Any):
         super().__init__(kd_weight=kd_weight, **base)

@@ -153,10 +153,15 @@ def torch_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float,
 
 
 # ----------------------------------------------------------------------------- fused paths
+def _loss_scale(kind: str, temperature: float, scale_by_t2: bool) -> float:
+    """T² for DKD and for KD with ``scale_by_t2`` (Hinton), else 1."""
+    return temperature ** 2 if (kind == "dkd" or scale_by_t2) else 1.0
+
+
 def _params(kind: str, alpha: float, beta: float, temperature: float, ignore_index: Optional[int],
             pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False) -> "tk.FusedParams":
     mode = tk.MODE_OMEGA if omega_only else (tk.MODE_DKD if kind == "dkd" else tk.MODE_KD)
-    loss_scale = temperature ** 2 if (kind == "dkd" or scale_by_t2) else 1.0
+    loss_scale = _loss_scale(kind, temperature, scale_by_t2)
     kw = {}
     if pssm is not None:
         kw = dict(pssm=True, space_probs=pssm.space == "probs", pssm_temperature=pssm.temperature,
@@ -197,7 +202,7 @@ def fused_distill_loss(impl: str, kind: str, s: Tensor, t: Tensor, y: Tensor, al
         out = tk.fused_loss_2d(s2, t2, y2, w2, p, reduction, block_rows)
     else:
         spec = tf.LossSpec(kind=kind, alpha=alpha, beta=beta, temperature=temperature,
-                           loss_scale=temperature ** 2 if (kind == "dkd" or scale_by_t2) else 1.0,
+                           loss_scale=_loss_scale(kind, temperature, scale_by_t2),
                            ignore_index=ignore_index, pssm=pssm,
                            kd_logit_scale=(kind == "kd" and kd_apply == "logit_scale"))
         out = tf.fused_torch_2d(s2.contiguous(), t2.contiguous(), y2, w2, spec, reduction,

@@ -340,7 +340,7 @@ def test_cli_generates_the_synthetic_default_and_trains(tmp_path):
 def test_torchrun_two_cpu_processes(data_root, tmp_path):
     """DDP over Gloo with two processes: both ranks train their shard, rank 0 writes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tools/train.py"), QUICK, "--work-dir", str(tmp_path / "w"), "--no-progress",
            *overrides(data_root, threads=1, **{"student.optim.batch_size": 1, "teacher.optim.batch_size": 1}),
            "distiller={_delete_: true, type: fitnet, kd_weight: 0.5}"]  # a distiller with its own parameters, outside DDP

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 
 from pcseg_kd.config import ConfigError, load_config, load_config_with_provenance
-from pcseg_kd.engine.runner import load_experiment
+from pcseg_kd.engine.toy.schema import load_experiment
 from pcseg_kd.registry import Registry
 
 ROOT = Path(__file__).resolve().parents[1]

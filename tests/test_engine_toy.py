@@ -8,9 +8,9 @@ import pcseg_kd.data  # noqa: F401
 import pcseg_kd.distill  # noqa: F401
 from pcseg_kd.data.gaussian import GaussianTask
 from pcseg_kd.data.sklearn_task import SklearnTask
-from pcseg_kd.engine.runner import load_experiment
-from pcseg_kd.engine.schema import OptimConfig
-from pcseg_kd.engine.toy import accuracy, batched_models, fit, fit_plain, plain_models, run_setting
+from pcseg_kd.engine.toy.schema import load_experiment
+from pcseg_kd.engine.toy.schema import OptimConfig
+from pcseg_kd.engine.toy.train import accuracy, batched_models, fit, fit_plain, plain_models, run_setting
 from pcseg_kd.registry import DISTILLERS
 
 

@@ -19,9 +19,9 @@ pytestmark = pytest.mark.skipif(not HAVE_SPCONV, reason="spconv is not installed
 
 from pcseg_kd.config import ConfigError  # noqa: E402
 from pcseg_kd.engine import checkpoint as ckpt  # noqa: E402
-from pcseg_kd.engine import kitti  # noqa: E402
+from pcseg_kd.engine.kitti import train as kitti  # noqa: E402
 from pcseg_kd.engine.distributed import DistEnv  # noqa: E402
-from pcseg_kd.engine.runner import load_kitti_experiment  # noqa: E402
+from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs/kitti/quickstart.yaml")
@@ -384,7 +384,7 @@ def test_prediction_files_score_like_the_evaluation(data_root, tmp_path):
     """tools/test.py's path: the .label files written for val, read back through the raw
     label map, give the same confusion as the in-memory evaluation."""
     from pcseg_kd.data.kitti.reader import read_label
-    from pcseg_kd.engine.predict import split_dataset_cfg, test_checkpoint
+    from pcseg_kd.engine.kitti.predict import split_dataset_cfg, test_checkpoint
     from pcseg_kd.metrics import SegmentationIoU
     from pcseg_kd.registry import DATASETS
 

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.skipif(not HAVE_SPCONV, reason="spconv is not installed
 
 from pcseg_kd.config import ConfigError  # noqa: E402
 from pcseg_kd.engine.distributed import DistEnv  # noqa: E402
-from pcseg_kd.engine.kitti_table import cell_configs, load_table, run_table  # noqa: E402
+from pcseg_kd.engine.kitti.table import cell_configs, load_table, run_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 POINT = "{base_channels: 8, channels: [8, 8, 8, 8, 8, 8, 8, 8], layers: [1, 1, 1, 1, 1, 1, 1, 1], stem_kernel: 3}"

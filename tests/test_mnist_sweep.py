@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 import pcseg_kd.data.mnist_task  # noqa: F401  (registers "digits" and "mnist")
-import pcseg_kd.engine.sweep as sweep_mod
-from pcseg_kd.engine.runner import load_experiment
+import pcseg_kd.engine.toy.sweep as sweep_mod
+from pcseg_kd.engine.toy.schema import load_experiment
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["seeds.num=2", "teacher.epochs=2", "student.epochs=2", "task.n_train=256", "task.n_test=128",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-import pcseg_kd.engine.sweep as sweep_mod
+import pcseg_kd.engine.toy.sweep as sweep_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["seeds.num=3", "teacher.epochs=20", "student.epochs=20", "sweep.shift_values=[10,0]"]
@@ -14,7 +14,7 @@ TINY = ["seeds.num=3", "teacher.epochs=20", "student.epochs=20", "sweep.shift_va
 
 def test_sweep_writes_tables_and_resumes(tmp_path, monkeypatch):
     # teacher and baseline are trained once per shift level, shared by the 4 methods
-    import pcseg_kd.engine.toy as toy
+    import pcseg_kd.engine.toy.train as toy
     calls = []
     real = toy.train_teacher_and_baseline
     monkeypatch.setattr(toy, "train_teacher_and_baseline", lambda *a, **k: calls.append(1) or real(*a, **k))

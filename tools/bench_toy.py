@@ -18,9 +18,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from pcseg_kd.engine.runner import load_experiment  # noqa: E402
-from pcseg_kd.engine.schema import OptimConfig, seed_list  # noqa: E402
-from pcseg_kd.engine.toy import (accuracy, batched_models, build_task, fit, fit_plain, plain_models,  # noqa: E402
+from pcseg_kd.engine.toy.schema import load_experiment  # noqa: E402
+from pcseg_kd.engine.toy.schema import OptimConfig, seed_list  # noqa: E402
+from pcseg_kd.engine.toy.train import (accuracy, batched_models, build_task, fit, fit_plain, plain_models,  # noqa: E402
                                  predict)
 from pcseg_kd.registry import DISTILLERS  # noqa: E402
 
@@ -77,7 +77,7 @@ def main():
         n, b, l, d = bench_setting(SETTINGS[name], args.overrides)
         print(f"| {name} ({SETTINGS[name]}) | {n} | {b:.1f} | {l:.1f} | {l / b:.1f}x | {d:.2f} |", flush=True)
     if args.sweeps:
-        from pcseg_kd.engine.sweep import run_sweep
+        from pcseg_kd.engine.toy.sweep import run_sweep
         for name in args.tasks:
             with tempfile.TemporaryDirectory() as tmp:
                 t0 = time.perf_counter()

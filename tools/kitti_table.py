@@ -23,8 +23,8 @@ def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv)
     from pcseg_kd.data.kitti.errors import KittiDataError
     from pcseg_kd.engine.distributed import cleanup, init_distributed
-    from pcseg_kd.engine.kitti import ResumeMismatch
-    from pcseg_kd.engine.kitti_table import cell_configs, load_table, run_table
+    from pcseg_kd.engine.kitti.train import ResumeMismatch
+    from pcseg_kd.engine.kitti.table import cell_configs, load_table, run_table
 
     import_all()
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)

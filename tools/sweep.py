@@ -18,7 +18,7 @@ from pcseg_kd.engine.runner import default_work_dir, parse_args  # noqa: E402
 
 def main(argv=None):
     args = parse_args("Run a sweep of shift level x method", argv)
-    from pcseg_kd.engine.sweep import run_sweep
+    from pcseg_kd.engine.toy.sweep import run_sweep
 
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     try:

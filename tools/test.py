@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcseg_kd.config import ConfigError  # noqa: E402
-from pcseg_kd.engine.runner import default_work_dir, load_kitti_experiment, write_json  # noqa: E402
+from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
+from pcseg_kd.engine.runner import default_work_dir, write_json  # noqa: E402
 
 
 def main(argv=None):
@@ -38,8 +39,8 @@ def main(argv=None):
 
     from pcseg_kd.data.kitti.errors import KittiDataError
     from pcseg_kd.engine.distributed import resolve_device
-    from pcseg_kd.engine.kitti import ResumeMismatch
-    from pcseg_kd.engine.predict import test_checkpoint
+    from pcseg_kd.engine.kitti.train import ResumeMismatch
+    from pcseg_kd.engine.kitti.predict import test_checkpoint
 
     try:
         cfg = load_kitti_experiment(args.config, args.overrides)

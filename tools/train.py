@@ -18,8 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcseg_kd.config import ConfigError  # noqa: E402
-from pcseg_kd.engine.runner import (default_work_dir, experiment_kind, load_experiment,  # noqa: E402
-                                    load_kitti_experiment, parse_args, save_config, write_json)
+from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
+from pcseg_kd.engine.runner import default_work_dir, experiment_kind, parse_args, save_config, write_json  # noqa: E402
+from pcseg_kd.engine.toy.schema import load_experiment  # noqa: E402
 
 
 def load_or_exit(loader, args):
@@ -33,8 +34,8 @@ def load_or_exit(loader, args):
 def run_kitti(args):
     from pcseg_kd.data.kitti.errors import KittiDataError
     from pcseg_kd.engine.distributed import cleanup, init_distributed
-    from pcseg_kd.engine.kitti import ResumeMismatch
-    from pcseg_kd.engine.kitti import run_kitti as run
+    from pcseg_kd.engine.kitti.train import ResumeMismatch
+    from pcseg_kd.engine.kitti.train import run_kitti as run
 
     cfg = load_or_exit(load_kitti_experiment, args)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
@@ -59,7 +60,7 @@ def run_kitti(args):
 
 def run_toy(args):
     cfg = load_or_exit(load_experiment, args)
-    from pcseg_kd.engine.toy import run_setting
+    from pcseg_kd.engine.toy.train import run_setting
 
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     work_dir.mkdir(parents=True, exist_ok=True)

@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..data.toy import ROLES, ToyTask
-from ..metrics.cmd import cmd
-from ..models.mlp import MLP, PlainMLP
-from ..registry import DISTILLERS, TASKS
+from ...data.toy import ROLES, ToyTask
+from ...metrics.cmd import cmd
+from ...models.mlp import MLP, PlainMLP
+from ...registry import DISTILLERS, TASKS
 from .schema import OptimConfig, seed_list
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ..config import atomic_write_text, save_config
-from .distributed import DistEnv
+from ...config import atomic_write_text, save_config
+from ..distributed import DistEnv
 
 
 @dataclass(kw_only=True)
@@ -34,7 +34,7 @@ class KittiTableConfig:
 def load_table(path: str, overrides: List[str] = ()) -> Dict[str, Any]:
     from omegaconf import OmegaConf
 
-    from ..config import ConfigError, load_config_with_provenance
+    from ...config import ConfigError, load_config_with_provenance
     cfg, _ = load_config_with_provenance(path, overrides, schema=KittiTableConfig)
     out = OmegaConf.to_container(cfg, resolve=True)
     if not out["base"]:
@@ -53,7 +53,7 @@ def cell_configs(table: Dict[str, Any], work_dir: Path) -> List[Dict[str, Any]]:
     """Every run of the table, in order (teachers first), as dicts of row, column, seed, work
     folder and experiment config; each is loaded and validated before anything trains, so a
     bad override fails first. A seed trains its own teachers and students."""
-    from .runner import load_kitti_experiment
+    from .schema import load_kitti_experiment
 
     runs = []
     for seed in table["seeds"]:
@@ -83,7 +83,7 @@ def cell_configs(table: Dict[str, Any], work_dir: Path) -> List[Dict[str, Any]]:
 def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool = True,
               runs: Optional[List[Dict[str, Any]]] = None) -> Dict[str, Any]:
     """``runs``: the table's :func:`cell_configs`, if already loaded."""
-    from .kitti import run_kitti
+    from .train import run_kitti
 
     runs = runs if runs is not None else cell_configs(table, work_dir)
     per_seed: Dict[str, Dict[str, Dict[int, Optional[float]]]] = {row: {} for row in table["teachers"]}

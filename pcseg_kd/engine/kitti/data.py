@@ -10,7 +10,7 @@ from typing import Any, Dict, Iterator, List, Optional
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .distributed import DistEnv, broadcast_object
+from ..distributed import DistEnv, broadcast_object
 
 
 def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any]], env: DistEnv) -> None:
@@ -18,8 +18,8 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
     only when the config asks for it (``data.synthetic``); rank 0 writes, the others wait."""
     if not spec:
         return
-    from ..data.kitti.synthetic.generate import SyntheticConfig, generate_dataset
-    from ..data.kitti.synthetic.lidar import LidarModel
+    from ...data.kitti.synthetic.generate import SyntheticConfig, generate_dataset
+    from ...data.kitti.synthetic.lidar import LidarModel
 
     spec = dict(spec)
     sequences = [str(s) for s in spec.pop("sequences", ["00", "08"])]
@@ -86,7 +86,7 @@ class ShardedBatchSampler(Sampler):
 
 
 def make_loader(ds, sampler: ShardedBatchSampler, num_workers: int, device: torch.device) -> DataLoader:
-    from ..data.kitti.collate import collate_kitti
+    from ...data.kitti.collate import collate_kitti
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_kitti, num_workers=num_workers,
                       pin_memory=device.type == "cuda", persistent_workers=False)
 

@@ -25,15 +25,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from ..config import atomic_write_text
-from ..distill.base import ce_rows
-from ..distill.reduce import row_mean
-from ..metrics.miou import SegmentationIoU
-from ..registry import DATASETS, DISTILLERS, MODELS
-from .checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .distributed import DistEnv, all_reduce_sum, barrier, broadcast_module
-from .loggers import StageLogger
-from .kitti_data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
+from ...config import atomic_write_text
+from ...distill.base import ce_rows
+from ...distill.reduce import row_mean
+from ...metrics.miou import SegmentationIoU
+from ...registry import DATASETS, DISTILLERS, MODELS
+from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..distributed import DistEnv, all_reduce_sum, barrier, broadcast_module
+from ..loggers import StageLogger
+from .data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
 
 HEAD_ROWS = {"point_logits": "points", "image_logits": "in_view"}  # other heads of a teacher's output
 TEACHER_HEADS = ("logits",) + tuple(HEAD_ROWS)
@@ -238,7 +238,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     from tqdm import tqdm
 
     scfg, o = cfg[stage], cfg[stage]["optim"]
-    from .kitti_schema import KittiOptimConfig
+    from .schema import KittiOptimConfig
     o = KittiOptimConfig(**o)
     stage_dir = work_dir / stage
     final = stage_dir / "final.pt"

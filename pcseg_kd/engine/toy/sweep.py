@@ -12,8 +12,9 @@ from typing import Any, Dict, Sequence
 
 from tqdm.auto import tqdm
 
-from .runner import load_experiment, save_config, write_json
-from .toy import run_setting
+from ..runner import save_config, write_json
+from .schema import load_experiment
+from .train import run_setting
 
 SHARED_KEYS = ("task", "model", "teacher_model", "teacher", "student", "seeds", "device")
 

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..config import registry_field
-from ..registry import DISTILLERS, MODELS, TASKS
+from omegaconf import OmegaConf
+
+from ...config import load_config_with_provenance, registry_field
+from ...registry import DISTILLERS, MODELS, TASKS
+from ..runner import import_all, run_checks
 
 
 @dataclass
@@ -65,3 +68,31 @@ class ToyExperimentConfig:
     device: str = "cpu"
     threads: int = 0                                                 # torch intra-op threads; 0 = torch default
     sweep: Optional[SweepConfig] = None
+
+
+def load_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Load and validate; then build every part once (task, models, distiller, optimiser
+    settings, seeds) so that a bad *value* fails here too, before any training."""
+    import_all()
+    cfg, prov = load_config_with_provenance(path, overrides, schema=ToyExperimentConfig)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    check_buildable(out, prov)
+    return out
+
+
+def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
+    from ...models.mlp import PlainMLP
+
+    def model(section):
+        kw = {k: v for k, v in section.items() if k != "type"}
+        return lambda: PlainMLP(2, 2, **kw)
+
+    checks = [("task", lambda: TASKS.build(cfg["task"])),
+              ("distiller", lambda: DISTILLERS.build(cfg["distiller"])),
+              ("model", model(cfg["model"])),
+              ("teacher", lambda: OptimConfig(**cfg["teacher"])),
+              ("student", lambda: OptimConfig(**cfg["student"])),
+              ("seeds", lambda: seed_list(cfg["seeds"]))]
+    if cfg.get("teacher_model"):
+        checks.append(("teacher_model", model(cfg["teacher_model"])))
+    run_checks(checks, prov)

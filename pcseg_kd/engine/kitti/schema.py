@@ -8,10 +8,14 @@ distiller's KD term on the in-view points, against the frozen teacher).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
-from ..config import registry_field
-from ..registry import DATASETS, DISTILLERS, MODELS
+import torch
+from omegaconf import OmegaConf
+
+from ...config import load_config_with_provenance, registry_field
+from ...registry import DATASETS, DISTILLERS, MODELS
+from ..runner import import_all, run_checks
 
 STAGES = ("teacher", "student")
 
@@ -78,3 +82,53 @@ class KittiExperimentConfig:
     seed: int = 0
     device: str = "auto"            # "auto" | "cuda" | "cpu"
     threads: int = 0                # torch intra-op threads; 0 = torch default
+
+
+def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
+    """Load and validate a SemanticKITTI experiment; build its models, distiller and optimiser
+    settings once so that a bad value fails before any data is read or generated."""
+    import_all()
+    cfg, prov = load_config_with_provenance(path, overrides, schema=KittiExperimentConfig)
+    out = OmegaConf.to_container(cfg, resolve=True)
+    for split in ("train", "val"):  # the experiment's seed drives augmentation too, unless a dataset sets its own
+        if out["data"].get(split) is not None:
+            out["data"][split].setdefault("seed", out["seed"])
+    def model(section):
+        # built on the meta device: the constructor's checks run, no weights are allocated
+        def build():
+            with torch.device("meta"):
+                MODELS.build(section)
+        return build
+
+    checks = [("student.model", model(out["student"]["model"])),
+              ("student.optim", lambda: KittiOptimConfig(**out["student"]["optim"])),
+              ("distiller", lambda: DISTILLERS.build(out["distiller"]))]
+    if "teacher" in out["stages"] and not out.get("teacher_checkpoint"):
+        checks += [("teacher.model", model(out["teacher"]["model"])),
+                   ("teacher.optim", lambda: KittiOptimConfig(**out["teacher"]["optim"]))]
+
+    def stages():
+        bad = [s for s in out["stages"] if s not in STAGES]
+        if bad or not out["stages"]:
+            raise ValueError(f"must be a non-empty list of {list(STAGES)}, got {out['stages']}")
+
+    def at_least(key, low):
+        def check():
+            if out[key] < low:
+                raise ValueError(f"must be >= {low}, got {out[key]}")
+        return check
+
+    def loss_weights():
+        from .train import TEACHER_HEADS
+        unknown = sorted(set(out["teacher"].get("loss_weights") or {}) - set(TEACHER_HEADS))
+        if unknown:
+            raise ValueError(f"unknown head(s) {unknown}; the teachers' heads are {list(TEACHER_HEADS)}")
+    checks += [("stages", stages), ("eval_interval", at_least("eval_interval", 1)),
+               ("log_interval", at_least("log_interval", 1)),
+               ("checkpoint_interval", at_least("checkpoint_interval", 0)),
+               ("teacher.loss_weights", loss_weights)]
+    if out["tensorboard"]:
+        from ..loggers import check_tensorboard
+        checks.append(("tensorboard", check_tensorboard))
+    run_checks(checks, prov)
+    return out

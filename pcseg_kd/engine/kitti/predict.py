@@ -14,10 +14,10 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..registry import DATASETS, MODELS
-from .checkpoint import load_checkpoint
-from .distributed import DistEnv
-from .kitti import ShardedBatchSampler, evaluate, load_weights, make_loader, rows_of, to_device
+from ...registry import DATASETS, MODELS
+from ..checkpoint import load_checkpoint
+from ..distributed import DistEnv
+from .train import ShardedBatchSampler, evaluate, load_weights, make_loader, rows_of, to_device
 
 
 def split_dataset_cfg(cfg: Dict[str, Any], split: str) -> Dict[str, Any]:

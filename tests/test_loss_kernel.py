@@ -12,12 +12,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pcseg_kd.distill import dkd_loss, pssm_dkd_loss
-from pcseg_kd.distill.dkd import dkd_loss_torch
+from pcseg_kd.distill import pssm_dkd_loss
 from pcseg_kd.distill.kernels import dispatch
 from pcseg_kd.distill.kernels import pssm_dkd_triton as tk
-from pcseg_kd.distill.pssm import PSSMConfig, pssm_config
-from pcseg_kd.distill.pssm import pssm_weights as torch_pssm_weights
+from pcseg_kd.losses.dkd import dkd_loss as dkd_loss_torch
+from pcseg_kd.losses.pssm import PSSMConfig, pssm_config
+from pcseg_kd.losses.pssm import pssm_weights as torch_pssm_weights
 
 KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -397,7 +397,7 @@ def test_leading_dims_and_public_functions(backend):
     assert a.shape == (2, 120)
     b = pssm_dkd_loss(s3, t3, y3, reduction="none", ignore_index=IGN, pssm=cfg, backend="reference")
     assert_close(a, b)
-    c = dkd_loss(*on(s3, t3, y3), 1.0, 8.0, 4.0, "batchmean", IGN, backend=backend).cpu()
+    c = dispatch.distill_loss("dkd", *on(s3, t3, y3), 1.0, 8.0, 4.0, "batchmean", IGN, backend=backend).cpu()
     d = dkd_loss_torch(s3, t3, y3, 1.0, 8.0, 4.0, "batchmean", IGN)
     assert_close(c, d)
 
@@ -416,7 +416,7 @@ def test_float64_and_grad_teacher_fall_back(backend):
     torch.testing.assert_close(s64.grad, s_ref.grad, rtol=1e-10, atol=1e-12)
     # a teacher that requires grad gets its gradient (autograd reference path)
     tt = t.clone().requires_grad_()
-    dkd_loss(s, tt, y, ignore_index=IGN, backend=backend).backward()
+    dispatch.distill_loss("dkd", s, tt, y, ignore_index=IGN, backend=backend).backward()
     assert tt.grad is not None and tt.grad.abs().sum() > 0
 
 
@@ -449,7 +449,7 @@ def test_distiller_loss_backend_option():
     b = DKDPSSM(ignore_index=IGN, loss_backend="reference")(s, t, y)["loss_kd"]
     assert_close(a, b)
     with pytest.raises(ValueError):
-        dkd_loss(s, t, y, backend="gpu")
+        dispatch.distill_loss("dkd", s, t, y, backend="gpu")
 
 
 def test_no_atomics_in_kernel():

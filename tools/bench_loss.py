@@ -6,7 +6,7 @@ over --repeats) of:
 
 naive      mdistiller-style DKD (softmax, cat_mask, log, kl_div, "-1000·gt") with the
            authors' PSSM, ignored rows dropped by boolean indexing (a host sync)
-reference  the autograd composition of pcseg_kd's reference functions (pssm_weights + dkd_loss_torch)
+reference  the autograd composition of pcseg_kd's reference functions (pssm_weights + dkd_loss)
 eager      pcseg_kd's "torch" backend (fused op, analytic gradient, eager PyTorch)
 compile    pcseg_kd's "compile" backend (the same under torch.compile, dynamic rows)
 triton     pcseg_kd's "triton" backend (fused kernel; CUDA only)
@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from pcseg_kd.distill.dkd_pssm import pssm_dkd_loss  # noqa: E402
 from pcseg_kd.distill.kernels import HAVE_TRITON  # noqa: E402
-from pcseg_kd.distill.pssm import pssm_config  # noqa: E402
+from pcseg_kd.losses.pssm import pssm_config  # noqa: E402
 
 ALPHA, BETA, T, IGNORE = 1.0, 8.0, 4.0, 255
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

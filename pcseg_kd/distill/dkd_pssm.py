@@ -8,8 +8,9 @@ from torch import Tensor
 from ..registry import DISTILLERS
 from .dkd import DKD
 from .kd_pssm import check_normalize, pssm_row_count
-from .pssm import PSSMConfig, pssm_config
-from .reduce import row_mean
+from ..losses.pssm import PSSMConfig, pssm_config
+from ..losses.reduce import row_mean
+from .kernels.dispatch import distill_loss
 
 
 def pssm_dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, alpha: float = 1.0,
@@ -18,9 +19,8 @@ def pssm_dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor
                   backend: Optional[str] = None) -> Tensor:
     """Ω-weighted DKD per row: the semantics the fused kernel implements.
 
-    ``backend`` as in :func:`~pcseg_kd.distill.dkd.dkd_loss`; on the Triton backend Ω and
+    ``backend`` as in :func:`~pcseg_kd.distill.kernels.distill_loss`; on the Triton backend Ω and
     the loss come from one fused kernel (one read of both logits and the labels)."""
-    from .kernels.dispatch import distill_loss
     pssm = pssm or pssm_config("reference")
     return distill_loss("dkd", student_logits, teacher_logits, target, alpha, beta, temperature,
                         reduction, ignore_index, None, pssm=pssm, backend=backend)

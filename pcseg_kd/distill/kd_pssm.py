@@ -7,8 +7,9 @@ from torch import Tensor
 
 from ..registry import DISTILLERS
 from .kd import KD
-from .pssm import PSSMConfig, pssm_config, pssm_weights
-from .reduce import row_mean
+from ..losses.pssm import PSSMConfig, pssm_config
+from ..losses.reduce import row_mean
+from .kernels.dispatch import pssm_weights
 
 NORMALIZE = ("batch", "kept")
 

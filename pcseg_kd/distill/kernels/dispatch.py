@@ -1,7 +1,8 @@
 """Backend selection for the per-row distillation losses (DKD, KD, with or without PSSM).
 
-One entry point, :func:`distill_loss`, with the semantics of the PyTorch reference
-(``dkd_loss_torch``, ``pssm_weights``, ``kd_loss``) and these implementations:
+One entry point, :func:`distill_loss`, with the semantics of the plain PyTorch functions in
+:mod:`pcseg_kd.losses` (``dkd_loss``, ``kd_loss``, ``pssm_weights``: the only parts of the
+library this module depends on; the distillers depend on it) and these implementations:
 
 ``torch``      eager PyTorch, the fused op written with an analytic student gradient
                (:mod:`.torch_fused`; CPU rows in cache-sized chunks), any device and dtype;
@@ -29,20 +30,31 @@ Nothing here synchronises with the device: choices depend on dtypes, devices, sh
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator, Optional
 
 import torch
 from torch import Tensor
 
-from . import pssm_dkd_triton as tk
+from ...losses.dkd import dkd_loss as dkd_loss_torch
+from ...losses.kd import kd_loss
+from ...losses.pssm import pssm_config
+from ...losses.pssm import pssm_weights as torch_pssm_weights
+from ...losses.reduce import check_logits, check_reduction, reduce_rows
 from . import torch_fused as tf
-from ..reduce import check_logits
 
 ENV_VAR = "PCSEG_KD_LOSS_BACKEND"
 BACKENDS = ("auto", "torch", "compile", "triton", "reference")
 KINDS = ("dkd", "kd")
 _override: Optional[str] = None
+
+
+@functools.lru_cache(maxsize=None)
+def _tk():
+    """The Triton kernel module, imported on first use: importing pcseg_kd must not import triton."""
+    from . import pssm_dkd_triton
+    return pssm_dkd_triton
 
 
 def _check_name(name: str) -> str:
@@ -83,16 +95,16 @@ def requested_backend(backend: Optional[str] = None) -> str:
 
 
 def triton_can_run(device: torch.device) -> bool:
-    if not tk.HAVE_TRITON:
+    if not _tk().HAVE_TRITON:
         return False
     if device.type == "cuda":
         return True
-    return device.type == "cpu" and tk.interpreting()
+    return device.type == "cpu" and _tk().interpreting()
 
 
 def _kernel_covers(s: Tensor, t: Tensor, weight: Optional[Tensor]) -> bool:
     ok_dtypes = (torch.float32, torch.float16, torch.bfloat16)
-    return (s.dtype in ok_dtypes and t.dtype in ok_dtypes and s.shape[-1] <= tk.MAX_CLASSES
+    return (s.dtype in ok_dtypes and t.dtype in ok_dtypes and s.shape[-1] <= _tk().MAX_CLASSES
             and not t.requires_grad and (weight is None or weight.dtype != torch.float64))
 
 
@@ -107,7 +119,7 @@ def select_backend(s: Tensor, t: Tensor, weight: Optional[Tensor] = None,
         return name
     if name == "triton":
         if not triton_can_run(s.device):
-            why = ("triton is not installed" if not tk.HAVE_TRITON else
+            why = ("triton is not installed" if not _tk().HAVE_TRITON else
                    f"tensors are on {s.device.type}; Triton runs CUDA tensors, or CPU tensors "
                    "only under TRITON_INTERPRET=1")
             raise RuntimeError(f"loss backend 'triton' was forced but cannot run: {why}")
@@ -125,14 +137,9 @@ def torch_distill_loss(kind: str, s: Tensor, t: Tensor, y: Tensor, alpha: float,
                        temperature: float, reduction: str, ignore_index: Optional[int],
                        weight: Optional[Tensor], pssm, kd_apply: str, scale_by_t2: bool) -> Tensor:
     """The reference composition (pssm_weights, then dkd_loss / kd_loss) in PyTorch."""
-    from ..dkd import dkd_loss_torch
-    from ..kd import kd_loss
-    from ..pssm import pssm_weights_torch as pssm_weights
-    from ..reduce import reduce_rows
-
     omega = None
     if pssm is not None:
-        omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
+        omega = torch_pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
     if kind == "dkd":
         w = omega if weight is None else (weight if omega is None else omega * weight.to(omega.dtype))
         return dkd_loss_torch(s, t, y, alpha, beta, temperature, reduction, ignore_index, w)
@@ -159,16 +166,16 @@ def _loss_scale(kind: str, temperature: float, scale_by_t2: bool) -> float:
 
 
 def _params(kind: str, alpha: float, beta: float, temperature: float, ignore_index: Optional[int],
-            pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False) -> "tk.FusedParams":
-    mode = tk.MODE_OMEGA if omega_only else (tk.MODE_DKD if kind == "dkd" else tk.MODE_KD)
+            pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False) -> "FusedParams":
+    mode = _tk().MODE_OMEGA if omega_only else (_tk().MODE_DKD if kind == "dkd" else _tk().MODE_KD)
     loss_scale = _loss_scale(kind, temperature, scale_by_t2)
     kw = {}
     if pssm is not None:
         kw = dict(pssm=True, space_probs=pssm.space == "probs", pssm_temperature=pssm.temperature,
-                  gate=tk.GATES[pssm.gate], tau=pssm.tau, tau_on_d=pssm.tau_scale == "d",
+                  gate=_tk().GATES[pssm.gate], tau=pssm.tau, tau_on_d=pssm.tau_scale == "d",
                   below=pssm.below, above_d=pssm.above == "d",
                   kd_logit_scale=(kind == "kd" and kd_apply == "logit_scale"))
-    return tk.FusedParams(mode=mode, alpha=alpha, beta=beta, temperature=temperature,
+    return _tk().FusedParams(mode=mode, alpha=alpha, beta=beta, temperature=temperature,
                           loss_scale=loss_scale, ignore_index=ignore_index, **kw)
 
 
@@ -189,8 +196,7 @@ def fused_distill_loss(impl: str, kind: str, s: Tensor, t: Tensor, y: Tensor, al
             # the gradient through a logit scale is not in the fused op
             return torch_distill_loss(kind, s, t, y, alpha, beta, temperature, reduction,
                                       ignore_index, weight, pssm, kd_apply, scale_by_t2)
-        from ..pssm import pssm_weights_torch as pssm_weights
-        omega = pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
+        omega = torch_pssm_weights(s, t, y, config=pssm, ignore_index=ignore_index)
         weight = omega if weight is None else omega * weight.to(omega.dtype)
         pssm = None
     C = s.shape[-1]
@@ -199,7 +205,7 @@ def fused_distill_loss(impl: str, kind: str, s: Tensor, t: Tensor, y: Tensor, al
     w2 = None if weight is None else weight.reshape(-1)
     if impl == "triton":
         p = _params(kind, alpha, beta, temperature, ignore_index, pssm, kd_apply, scale_by_t2)
-        out = tk.fused_loss_2d(s2, t2, y2, w2, p, reduction, block_rows)
+        out = _tk().fused_loss_2d(s2, t2, y2, w2, p, reduction, block_rows)
     else:
         spec = tf.LossSpec(kind=kind, alpha=alpha, beta=beta, temperature=temperature,
                            loss_scale=_loss_scale(kind, temperature, scale_by_t2),
@@ -219,8 +225,7 @@ def distill_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor, targ
     """Per-row ``weight·Ω·(α·TCKD + β·NCKD)·T²`` (``kind="dkd"``) or ``weight·Ω·KL·T²``
     (``kind="kd"``; ``kd_apply="logit_scale"`` scales both logits by Ω instead), 0 on
     ignored rows, reduced by "none" | "sum" | "batchmean" (mean over non-ignored rows).
-    ``pssm``: a :class:`~pcseg_kd.distill.pssm.PSSMConfig` or None (Ω = 1)."""
-    from ..reduce import check_reduction
+    ``pssm``: a :class:`~pcseg_kd.losses.pssm.PSSMConfig` or None (Ω = 1)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if kd_apply not in ("weight", "logit_scale"):
@@ -237,11 +242,9 @@ def distill_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor, targ
 def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                  preset: str = "reference", ignore_index: Optional[int] = None,
                  backend: Optional[str] = None, **overrides) -> Tensor:
-    """:func:`pcseg_kd.distill.pssm.pssm_weights` with backend dispatch: the kernel's Ω-only
+    """:func:`pcseg_kd.losses.pssm.pssm_weights` with backend dispatch: the kernel's Ω-only
     mode (one read of both logits and the labels, one float32 write per row) when the
     Triton backend is chosen and Ω needs no gradient."""
-    from ..pssm import pssm_config
-    from ..pssm import pssm_weights_torch as torch_pssm_weights
     cfg = overrides.pop("config", None) or pssm_config(preset, **overrides)
     grad_needed = (not cfg.detach) and (student_logits.requires_grad or teacher_logits.requires_grad)
     name = select_backend(student_logits, teacher_logits, None, backend)
@@ -251,7 +254,7 @@ def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
     _check("pssm", student_logits, teacher_logits, target)
     C = student_logits.shape[-1]
     p = _params("dkd", 1.0, 1.0, 1.0, ignore_index, cfg, "weight", True, omega_only=True)
-    om = tk.fused_omega_2d(student_logits.reshape(-1, C), teacher_logits.reshape(-1, C),
+    om = _tk().fused_omega_2d(student_logits.reshape(-1, C), teacher_logits.reshape(-1, C),
                            target.reshape(-1), p)
     dtype = torch.float64 if torch.float64 in (student_logits.dtype, teacher_logits.dtype) else torch.float32
     return om.reshape(student_logits.shape[:-1]).to(dtype)

@@ -26,8 +26,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from ...config import atomic_write_text
-from ...distill.base import ce_rows
-from ...distill.reduce import row_mean
+from ...losses.segmentation import ce_rows
+from ...losses.reduce import row_mean
 from ...metrics.miou import SegmentationIoU
 from ...registry import DATASETS, DISTILLERS, MODELS
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state

@@ -12,6 +12,7 @@ similarity of the teacher's and student's outputs. Two presets:
 
 Every knob can be overridden (see :data:`PSSM_PRESETS` and ``docs/method.md``). The
 weights are computed with tensor ops only: no host sync, any device, any leading dims.
+The distillers that use Ω are ``pcseg_kd/distill/kd_pssm.py`` and ``dkd_pssm.py``.
 """
 from __future__ import annotations
 
@@ -68,22 +69,13 @@ def pssm_config(preset: str = "reference", **overrides: Any) -> PSSMConfig:
 
 
 def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
-                 preset: str = "reference", ignore_index: Optional[int] = None,
-                 backend: Optional[str] = None, **overrides: Any) -> Tensor:
-    """Ω of shape ``[..., N]`` for ``[..., N, C]`` logits. Rows whose target is
-    ``ignore_index`` get Ω = 0.
-
-    ``backend`` (or ``PCSEG_KD_LOSS_BACKEND``) as for ``dkd_loss``: on CUDA with Triton,
-    Ω comes from the fused kernel's Ω-only mode; :func:`pssm_weights_torch` otherwise.
-    """
-    from .kernels.dispatch import pssm_weights as dispatched
-    return dispatched(student_logits, teacher_logits, target, preset, ignore_index, backend, **overrides)
-
-
-def pssm_weights_torch(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                        preset: str = "reference", ignore_index: Optional[int] = None,
                        **overrides: Any) -> Tensor:
-    """The PyTorch implementation of :func:`pssm_weights` (the reference semantics)."""
+    """Ω of shape ``[..., N]`` for ``[..., N, C]`` logits; rows whose target is ``ignore_index``
+    get Ω = 0. ``config=`` (a :class:`PSSMConfig`) or a preset name plus knob overrides.
+
+    The plain PyTorch semantics; :func:`pcseg_kd.distill.kernels.pssm_weights` computes the
+    same Ω with backend dispatch (the fused kernel's Ω-only mode on CUDA)."""
     cfg = overrides.pop("config", None)
     if cfg is not None and overrides:
         raise ValueError(f"pssm_weights: pass either config= or knob overrides, not both ({sorted(overrides)})")

@@ -11,7 +11,7 @@ import torch
 
 from pcseg_kd.config import accepted_params
 from pcseg_kd.distill.feature import (CRD, FitNet, crd_loss, fitnet_loss, momentum_update, pkt_loss,
-                                      rkd_loss, sp_loss)
+                                      rkd_loss, sp_loss, triplet_angles)
 from pcseg_kd.registry import DISTILLERS
 
 FEATURE_METHODS = ["fitnet", "rkd", "pkt", "sp", "crd"]
@@ -49,7 +49,9 @@ def ref_rkd(fs, ft, wd=25.0, wa=50.0):
                     if j == i or k == i:
                         continue
                     u, v = f[j] - f[i], f[k] - f[i]
-                    a[i, j, k] = u @ v / (np.linalg.norm(u) * np.linalg.norm(v))
+                    nu, nv = np.linalg.norm(u), np.linalg.norm(v)
+                    if nu > 0 and nv > 0:  # zero-length differences (duplicate rows): 0, as F.normalize
+                        a[i, j, k] = u @ v / (nu * nv)
         return a
 
     return wd * smooth_l1(dist(fs), dist(ft)).mean() + wa * smooth_l1(angles(fs), angles(ft)).mean()
@@ -352,25 +354,201 @@ def test_missing_features_error_names_them():
 
 
 def test_rkd_float32_is_accurate_for_offset_features():
-    """The Gram-based angles centre the features: a large common offset must not cost accuracy."""
+    """Differences are translation invariant: a large common offset must not cost accuracy."""
     fs, ft = rand(16, 32, seed=35) + 50.0, rand(16, 8, seed=36) - 30.0
     want = rkd_loss(fs, ft).item()
     assert rkd_loss(fs.float(), ft.float()).item() == pytest.approx(want, rel=1e-4)
 
 
-def test_chunked_angle_loss_gradcheck_across_chunks():
-    """The memory-lean angle loss with several anchor chunks: exact gradients, and equal to
-    the plain N³ formula."""
-    from pcseg_kd.distill.feature.rkd import _AngleLoss, _gram_and_inverse_norms, triplet_angles
+# ----------------------------------------------------------------------------- RKD in float32 (issue 10.1)
+def _f32_pair(fs, ft):
+    """float32 inputs and the float64 numpy reference computed from exactly those values."""
+    fs32, ft32 = fs.float(), ft.float()
+    return fs32, ft32, ref_rkd(fs32.double().numpy(), ft32.double().numpy())
 
-    fs = rand(2, 6, 3, seed=37).requires_grad_(True)
-    ft = rand(2, 6, 4, seed=38)
-    g_t, r_t = _gram_and_inverse_norms(ft, 1e-12)
 
-    def fn(x):
-        g, r = _gram_and_inverse_norms(x, 1e-12)
-        return _AngleLoss.apply(g, r, g_t, r_t, 2)  # 3 chunks of 2 anchors
+def torch_ref_angles(f):
+    """Brute-force float64 angles [N, N, N] with autograd: u_ij = (f_j - f_i)/|f_j - f_i|, 0 (and
+    a constant) where the difference is exactly 0."""
+    diff = f.unsqueeze(0) - f.unsqueeze(1)
+    norm = diff.norm(dim=-1)
+    nz = norm > 0
+    u = torch.where(nz.unsqueeze(-1), diff / torch.where(nz, norm, torch.ones_like(norm)).unsqueeze(-1), 0.0)
+    return torch.einsum("ijd,ikd->ijk", u, u)
 
+
+def torch_ref_rkd(fs, ft, wd=25.0, wa=50.0):
+    def dist(f):
+        diff = f.unsqueeze(0) - f.unsqueeze(1)
+        sq = (diff * diff).sum(-1)
+        d = torch.where(sq > 0, sq.clamp_min(1e-300).sqrt(), 0.0)
+        n = f.shape[0]
+        return d / (d.sum() / (n * (n - 1)))
+
+    sl1 = lambda a, b: torch.nn.functional.smooth_l1_loss(a, b)  # noqa: E731
+    return wd * sl1(dist(fs), dist(ft).detach()) + wa * sl1(torch_ref_angles(fs), torch_ref_angles(ft).detach())
+
+
+@pytest.mark.parametrize("copies", [2, 3])
+def test_rkd_float32_duplicate_rows_match_float64(copies):
+    """Identical rows (repeated points, padded rows): the Gram expansion gave cosines of ~7e4."""
+    fs, ft = rand(10, 16, seed=40) * 3.0, rand(10, 6, seed=41)
+    fs[1:copies] = fs[0]
+    fs32, ft32, want = _f32_pair(fs, ft)
+    assert rkd_loss(fs32, ft32).item() == pytest.approx(want, rel=1e-5)
+    cos = triplet_angles(fs32)
+    assert cos.abs().max().item() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("rel", [1e-2, 1e-3, 1e-4])
+def test_rkd_float32_near_duplicate_rows_match_float64(rel):
+    """Rows ``rel`` of their norm apart: cosines and the loss in float32 against float64."""
+    fs, ft = rand(8, 16, seed=42) * 2.0, rand(8, 5, seed=43)
+    step = rand(16, seed=44)
+    fs[1] = fs[0] + rel * fs[0].norm() * step / step.norm()
+    fs32, ft32, want = _f32_pair(fs, ft)
+    got_cos = triplet_angles(fs32).double()
+    want_cos = torch_ref_angles(fs32.double())
+    assert (got_cos - want_cos).abs().max().item() < 1e-3
+    assert rkd_loss(fs32, ft32).item() == pytest.approx(want, rel=1e-4)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_rkd_float32_distance_term_is_centred(offset):
+    """A common offset of 1e4 made the Gram-based distance term 16x wrong in float32."""
+    fs, ft = rand(12, 8, seed=45) + offset, rand(12, 4, seed=46) - offset
+    fs32, ft32 = fs.float(), ft.float()
+    want = ref_rkd(fs32.double().numpy(), ft32.double().numpy(), wd=25.0, wa=0.0)
+    assert rkd_loss(fs32, ft32, angle_weight=0.0).item() == pytest.approx(want, rel=1e-4)
+    want_all = ref_rkd(fs32.double().numpy(), ft32.double().numpy())
+    assert rkd_loss(fs32, ft32).item() == pytest.approx(want_all, rel=1e-4)
+
+
+@pytest.mark.parametrize("case", ["duplicate", "near"])
+def test_rkd_float32_gradients_match_float64_on_duplicates(case):
+    """Finite gradients on duplicate rows (the degenerate entries are constants) and float32
+    gradients equal to the brute-force float64 autograd gradient."""
+    fs, ft = rand(7, 6, seed=47), rand(7, 3, seed=48)
+    fs[2] = fs[0] if case == "duplicate" else fs[0] + 1e-2 * fs[0].norm() * rand(6, seed=49) / rand(6, seed=49).norm()
+    fs[5] = fs[0]
+    x32 = fs.float().requires_grad_(True)
+    rkd_loss(x32, ft.float()).backward()
+    assert torch.isfinite(x32.grad).all()
+    x64 = x32.detach().double().requires_grad_(True)
+    torch_ref_rkd(x64, ft.float().double()).backward()
+    assert torch.isfinite(x64.grad).all()
+    scale = x64.grad.abs().max().item()
+    assert (x32.grad.double() - x64.grad).abs().max().item() < 1e-4 * scale
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["kept-derivative", "recomputed"])
+def test_rkd_gradcheck_float64_chunked_with_mask(keep, monkeypatch):
+    """The chunked angle loss with several anchor chunks and masked rows, backward from the
+    stored derivative or recomputed chunk by chunk: exact gradients, equal to the
+    brute-force formula on the valid rows."""
+    import pcseg_kd.distill.feature.rkd as rkd_mod
+    from pcseg_kd.distill.feature.rkd import angle_loss
+
+    monkeypatch.setattr(rkd_mod, "KEEP_ELEMENTS", 1 << 30 if keep else 0, raising=False)
+
+    fs = rand(2, 7, 3, seed=37).requires_grad_(True)
+    ft = rand(2, 7, 4, seed=38)
+    valid = torch.tensor([[1, 1, 0, 1, 1, 1, 1], [1, 0, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    fn = lambda x: angle_loss(x, ft, valid, chunk=2)  # noqa: E731  (4 chunks: 2, 2, 2, 1 anchors)
     assert torch.autograd.gradcheck(fn, (fs,), eps=1e-6, atol=1e-6)
-    plain = torch.nn.functional.smooth_l1_loss(triplet_angles(fs), triplet_angles(ft), reduction="none").mean((1, 2, 3))
-    assert torch.allclose(fn(fs), plain, rtol=1e-12, atol=1e-15)
+    for s in range(2):
+        v = valid[s]
+        want = torch.nn.functional.smooth_l1_loss(torch_ref_angles(fs[s][v]), torch_ref_angles(ft[s][v]))
+        assert fn(fs)[s].item() == pytest.approx(want.item(), rel=1e-12)
+    assert torch.allclose(angle_loss(fs, ft, valid, chunk=2), angle_loss(fs, ft, valid, chunk=7), rtol=1e-12)
+
+
+def test_rkd_distiller_uses_the_chunked_path_with_masks(monkeypatch):
+    """The distiller always passes a row mask; it must still take the memory-lean path
+    (before: the mask sent every training step to the N³ autograd path)."""
+    import pcseg_kd.distill.feature.rkd as rkd_mod
+
+    calls = []
+    real = rkd_mod._AngleLoss.apply
+    monkeypatch.setattr(rkd_mod._AngleLoss, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    monkeypatch.setattr(rkd_mod, "triplet_angles", lambda *a, **k: pytest.fail("N³ path used"))
+    monkeypatch.setattr(rkd_mod, "CHUNK_ELEMENTS", 2 * 16 * 16, raising=False)  # several chunks
+    dist = build("rkd", 16, 8, 2)
+    fs = torch.randn(2, 16, 16, requires_grad=True)
+    logits = torch.randn(2, 16, 10)
+    target = torch.randint(0, 10, (2, 16))
+    losses = dist(logits, logits + 1, target, student_feats=fs, teacher_feats=torch.randn(2, 16, 8))
+    losses["loss_kd"].sum().backward()
+    assert calls and calls[0] < 16
+    assert torch.isfinite(fs.grad).all()
+
+
+# ----------------------------------------------------------------------------- FitNet regressors (issue 10.3)
+def test_fitnet_default_regressor_is_a_plain_linear_map_and_says_so():
+    fit = FitNet()
+    fit.build_modules(5, 3, num_models=2)
+    assert fit.regressor_kind == "linear"
+    assert [type(m).__name__ for m in fit.regressor.modules()] == ["BatchedLinear"]
+    import pcseg_kd.distill.feature.fitnet as fitnet_mod
+    doc = fitnet_mod.__doc__
+    assert "plain" in doc and "linear" in doc and "ConvReg" in doc and "penultimate" in doc
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_fitnet_conv_bn_relu_regressor_matches_reference(train):
+    """mdistiller's ConvReg on vector hints: relu(BatchNorm1d(x W + b)), per model, batch
+    statistics over the valid rows only; checked against torch.nn.BatchNorm1d per model."""
+    S, N, ds, dt = 2, 6, 5, 3
+    fit = FitNet(regressor="conv_bn_relu")
+    fit.build_modules(ds, dt, num_models=S)
+    with torch.no_grad():
+        fit.regressor.gamma.uniform_(0.5, 1.5)
+        fit.regressor.beta.uniform_(-0.3, 0.3)
+    fit.train(train)
+    fs, ft = rand(S, N, ds, seed=50), rand(S, N, dt, seed=51)
+    valid = torch.tensor([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0]], dtype=torch.bool)
+    if not train:
+        with torch.no_grad():
+            fit.regressor.running_mean.normal_()
+            fit.regressor.running_var.uniform_(0.5, 2.0)
+    got = fit.kd_term(None, None, None, valid, student_feats=fs, teacher_feats=ft)
+    reg = fit.regressor
+    for s in range(S):
+        v = valid[s]
+        lin = fs[s][v] @ reg.linear.weight[s].detach().double() + reg.linear.bias[s].detach().double()
+        bn = torch.nn.BatchNorm1d(dt, dtype=torch.float64)
+        with torch.no_grad():
+            bn.weight.copy_(reg.gamma[s, 0])
+            bn.bias.copy_(reg.beta[s, 0])
+            if not train:
+                bn.running_mean.copy_(reg.running_mean[s, 0])
+                bn.running_var.copy_(reg.running_var[s, 0])
+        bn.train(train)
+        want = ((torch.relu(bn(lin)) - ft[s][v]) ** 2).mean()
+        assert got[s].item() == pytest.approx(want.item(), rel=1e-10)
+        if train:  # running statistics updated like BatchNorm1d's
+            torch.testing.assert_close(reg.running_mean[s, 0].double(), bn.running_mean, rtol=1e-6, atol=1e-7)
+            torch.testing.assert_close(reg.running_var[s, 0].double(), bn.running_var, rtol=1e-6, atol=1e-7)
+
+
+def test_fitnet_regressor_choice_is_validated():
+    with pytest.raises(ValueError, match="regressor"):
+        FitNet(regressor="mlp")
+    fit = FitNet(regressor=False)
+    with pytest.raises(ValueError, match="equal widths"):
+        fit.build_modules(5, 3)
+
+
+def test_fitnet_conv_bn_relu_trains_without_host_sync():
+    from pcseg_kd.utils.sync_guard import forbid_host_sync
+
+    fit = DISTILLERS.build({"type": "fitnet", "regressor": "conv_bn_relu"})
+    fit.build_modules(7, 4, num_models=2)
+    fs = torch.randn(2, 5, 7, requires_grad=True)
+    logits = torch.randn(2, 5, 10, requires_grad=True)
+    with forbid_host_sync():
+        losses = fit(logits, logits.detach() + 1, torch.randint(0, 10, (2, 5)), student_feats=fs,
+                     teacher_feats=torch.randn(2, 5, 4))
+        sum(v.sum() for v in losses.values()).backward()
+    assert torch.isfinite(fs.grad).all()
+    assert all(p.grad is not None for p in fit.parameters())

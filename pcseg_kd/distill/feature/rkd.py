@@ -2,10 +2,20 @@
 mean) and triplet angles to the teacher's, with smooth-L1 (mdistiller: distance weight
 25, angle weight 50, kd_weight 1).
 
+Both relations are computed from row *differences* f_j - f_i, as mdistiller's angle term
+does, never from a Gram-matrix expansion (G_ii + G_jj - 2 G_ij), which cancels in float32:
+with it, duplicate rows got cosines of ~7e4 and rows 1e-4 of their norm apart cosines off
+by ~1e19, and a common offset of 1e4 made the distances 16x wrong. Differences are
+translation invariant and exact for duplicates.
+
 mdistiller divides by the mean of the positive distances, which is NaN for a batch of
 one sample (no pairs); here an empty mean is 0, so such a batch gives a loss of 0.
-Zero-length difference vectors (i == j, or duplicate samples) are normalised to 0 with
-a finite gradient.
+Zero-length difference vectors (i == j, or duplicate rows) have angle entries 0 (as
+mdistiller's ``F.normalize``) that are constants: their gradient is 0, not 1/eps.
+
+The angle term costs O(N³·D) time but never holds an N³ tensor: it works anchor-chunk by
+anchor-chunk and recomputes the chunk in backward (:class:`_AngleLoss`), for every batch,
+masked rows included.
 """
 from __future__ import annotations
 
@@ -19,6 +29,12 @@ from ...registry import DISTILLERS
 from ..base import Distiller
 from .common import compute_dtype, require_feature, row_weights
 
+#: target size (elements) of one anchor chunk's temporaries ([S, chunk, N, max(N, D)])
+CHUNK_ELEMENTS = 1 << 18
+#: largest S·N³ for which forward keeps smooth-L1's derivative for backward (64 MiB in
+#: float32) instead of recomputing both models' angles there (2 of 5 N³·D products)
+KEEP_ELEMENTS = 1 << 24
+
 
 def _pair_masks(weights: Tensor) -> Tuple[Tensor, Tensor]:
     """Pair weights ``[..., N, N]`` of valid rows, with and without the diagonal."""
@@ -28,13 +44,16 @@ def _pair_masks(weights: Tensor) -> Tuple[Tensor, Tensor]:
 
 
 def pairwise_distances(f: Tensor, eps: float = 1e-12, squared: bool = False) -> Tensor:
-    """``[..., N, N]`` Euclidean distances (mdistiller's ``_pdist``: squared norms clamped at
-    ``eps`` before the square root; the diagonal is exactly 0)."""
-    sq = f.pow(2).sum(-1)
-    d2 = (sq.unsqueeze(-1) + sq.unsqueeze(-2) - 2.0 * f @ f.transpose(-1, -2)).clamp_min(eps)
-    d = d2 if squared else d2.sqrt()
-    eye = torch.eye(f.shape[-2], dtype=torch.bool, device=f.device)
-    return d.masked_fill(eye, 0.0)
+    """``[..., N, N]`` Euclidean distances |f_i - f_j| from the differences themselves
+    (``torch.cdist`` without its matmul shortcut): exact for duplicate rows (0, with a zero
+    gradient) and unaffected by a common offset. ``eps`` is kept for the signature
+    (mdistiller clamps squared norms at it; differences need no clamp)."""
+    lead = f.shape[:-2]
+    flat = f.reshape(-1, *f.shape[-2:])
+    d = torch.cdist(flat, flat, compute_mode="donot_use_mm_for_euclid_dist")
+    if squared:
+        d = d * d
+    return d.reshape(*lead, *d.shape[-2:])
 
 
 def _normalised_distances(f: Tensor, offdiag: Tensor, eps: float, squared: bool) -> Tensor:
@@ -43,101 +62,94 @@ def _normalised_distances(f: Tensor, offdiag: Tensor, eps: float, squared: bool)
     return d / mean.clamp_min(eps).unsqueeze(-1).unsqueeze(-1)
 
 
+def _unit_differences(f: Tensor, rows: slice, eps: float) -> Tuple[Tensor, Tensor]:
+    """For anchors ``rows`` of ``f`` ``[S, N, D]``: unit vectors (f_j - f_i)/|f_j - f_i|
+    ``[S, c, N, D]`` and the inverse norms ``[S, c, N]`` (0 where |f_j - f_i| <= eps: the
+    vector is then 0, and so is its gradient)."""
+    diff = f.unsqueeze(1) - f[:, rows].unsqueeze(2)
+    norm = torch.linalg.vector_norm(diff, dim=-1)
+    inv = torch.where(norm > eps, 1.0 / norm.clamp_min(eps), torch.zeros_like(norm))
+    return diff * inv.unsqueeze(-1), inv
+
+
 def triplet_angles(f: Tensor, eps: float = 1e-12) -> Tensor:
     """``[..., N, N, N]``: entry (i, j, k) = cos of the angle at anchor i between
-    f_j - f_i and f_k - f_i (0 when i == j or i == k).
-
-    Computed from the Gram matrix G (<f_j - f_i, f_k - f_i> = G_jk - G_ij - G_ik + G_ii),
-    so the cost is O(N²·D + N³) instead of mdistiller's O(N³·D). Angles are translation
-    invariant, so the features are centred first: that keeps G small and the expansion
-    from cancelling in float32. (The same helpers as the chunked :class:`_AngleLoss`, all
-    anchors at once.)
-    """
+    f_j - f_i and f_k - f_i (0 when f_j = f_i or f_k = f_i, in particular i == j or i == k).
+    All anchors at once (N³ memory): the loss uses the chunked :class:`_AngleLoss`."""
     n = f.shape[-2]
-    g, r = _gram_and_inverse_norms(f.reshape(-1, n, f.shape[-1]), eps)
-    eye = torch.eye(n, dtype=torch.bool, device=f.device)
-    cos, _, _ = _chunk_cos(g, r, slice(0, n), eye)
-    return cos.reshape(*f.shape[:-2], n, n, n)
+    u, _ = _unit_differences(f.reshape(-1, n, f.shape[-1]), slice(0, n), eps)
+    return (u @ u.transpose(-1, -2)).reshape(*f.shape[:-2], n, n, n)
 
 
-def _gram_and_inverse_norms(f: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """Centred Gram matrix ``[..., N, N]`` and 1/|f_j - f_i| (1 on the diagonal)."""
-    f = f - f.mean(-2, keepdim=True)
-    g = f @ f.transpose(-1, -2)
-    diag = g.diagonal(dim1=-2, dim2=-1)
-    sq = diag.unsqueeze(-1) + diag.unsqueeze(-2) - 2.0 * g
-    eye = torch.eye(f.shape[-2], dtype=torch.bool, device=f.device)
-    norm = torch.where(eye, torch.ones_like(sq), sq.clamp_min(eps * eps).sqrt().clamp_min(eps))
-    return g, 1.0 / norm
-
-
-def _chunk_cos(g: Tensor, r: Tensor, rows: slice, eye_rows: Tensor):
-    """cos and the raw dot products for anchors ``rows``: ``[S, c, N, N]``; degenerate entries 0."""
-    diag = g.diagonal(dim1=-2, dim2=-1)[:, rows]
-    dot = g.unsqueeze(1) - g[:, rows].unsqueeze(-1) - g[:, rows].unsqueeze(-2) + diag[:, :, None, None]
-    cos = dot * r[:, rows].unsqueeze(-1) * r[:, rows].unsqueeze(-2)
-    degenerate = eye_rows.unsqueeze(-1) | eye_rows.unsqueeze(-2)
-    return cos.masked_fill(degenerate, 0.0), dot, degenerate
+def _chunk_weights(w: Tensor, rows: slice) -> Tensor:
+    """Triplet weights w_i·w_j·w_k ``[S, c, N, N]`` for anchors ``rows``."""
+    return w[:, rows, None, None] * (w[:, None, :, None] * w[:, None, None, :])
 
 
 class _AngleLoss(torch.autograd.Function):
-    """mean over (i, j, k) of smoothL1(cos_s - cos_t), from Gram matrices and inverse norms
-    ``[S, N, N]``. Works anchor-chunk by anchor-chunk and recomputes in backward, so no
-    N³ tensor is ever stored: the plain autograd version keeps ~10 of them and is memory
-    bound (≈6x slower on a 2-core CPU at N = 128)."""
+    """Σ_{i,j,k} w_i w_j w_k · smoothL1(cos_s - cos_t) per model, from features ``[S, N, D]``
+    and row weights ``[S, N]``. Works anchor-chunk by anchor-chunk. With ``keep`` it stores
+    one N³ tensor (smooth-L1's derivative) for backward; without, it recomputes the chunk
+    in backward and stores nothing N³ (the plain autograd version keeps ~10 N³ tensors
+    and is memory bound)."""
 
     @staticmethod
-    def forward(ctx, g_s, r_s, g_t, r_t, chunk):
-        n = g_s.shape[-1]
-        eye = torch.eye(n, dtype=torch.bool, device=g_s.device)
-        total = g_s.new_zeros(g_s.shape[0])
+    def forward(ctx, f_s, f_t, w, chunk, eps, keep):
+        n = f_s.shape[-2]
+        total = f_s.new_zeros(f_s.shape[0])
+        grads = []
         for start in range(0, n, chunk):
             rows = slice(start, min(start + chunk, n))
-            cos_s, _, _ = _chunk_cos(g_s, r_s, rows, eye[rows])
-            cos_t, _, _ = _chunk_cos(g_t, r_t, rows, eye[rows])
-            total += torch.nn.functional.smooth_l1_loss(cos_s, cos_t, reduction="none").sum((1, 2, 3))
-        ctx.save_for_backward(g_s, r_s, g_t, r_t)
-        ctx.chunk = chunk
-        return total / n ** 3
+            u_s, _ = _unit_differences(f_s, rows, eps)
+            u_t, _ = _unit_differences(f_t, rows, eps)
+            delta = u_s @ u_s.transpose(-1, -2) - u_t @ u_t.transpose(-1, -2)
+            weights = _chunk_weights(w, rows)
+            a = delta.abs()
+            total += (torch.where(a < 1.0, 0.5 * delta * delta, a - 0.5) * weights).sum((1, 2, 3))
+            if keep:  # smooth-L1' (β = 1) is the difference clamped to [-1, 1]
+                grads.append(delta.clamp_(-1.0, 1.0).mul_(weights))
+        ctx.save_for_backward(f_s, f_t, w, *grads)
+        ctx.chunk, ctx.eps = chunk, eps
+        return total
 
     @staticmethod
     def backward(ctx, grad_out):
-        g_s, r_s, g_t, r_t = ctx.saved_tensors
-        n = g_s.shape[-1]
-        eye = torch.eye(n, dtype=torch.bool, device=g_s.device)
-        d_g, d_r = torch.zeros_like(g_s), torch.zeros_like(r_s)
-        scale = (grad_out / n ** 3).view(-1, 1, 1, 1)
-        for start in range(0, n, ctx.chunk):
+        f_s, f_t, w, *grads = ctx.saved_tensors
+        n, eps = f_s.shape[-2], ctx.eps
+        g_f = torch.zeros_like(f_s)
+        scale = grad_out.view(-1, 1, 1, 1)
+        for c, start in enumerate(range(0, n, ctx.chunk)):
             rows = slice(start, min(start + ctx.chunk, n))
-            cos_s, dot, degenerate = _chunk_cos(g_s, r_s, rows, eye[rows])
-            cos_t, _, _ = _chunk_cos(g_t, r_t, rows, eye[rows])
-            e = (cos_s - cos_t).clamp(-1.0, 1.0).masked_fill(degenerate, 0.0) * scale  # smooth-L1' (β = 1)
-            r_ij, r_ik = r_s[:, rows].unsqueeze(-1), r_s[:, rows].unsqueeze(-2)
-            p = e * r_ij * r_ik  # d loss / d dot
-            # dot[i, j, k] = G_jk - G_ij - G_ik + G_ii
-            d_g += p.sum(1)
-            d_g[:, rows] -= p.sum(-1) + p.sum(-2)
-            idx = torch.arange(rows.start, rows.stop, device=g_s.device)
-            d_g[:, idx, idx] += p.sum((-1, -2))
-            ed = e * dot
-            d_r[:, rows] += (ed * r_ik).sum(-1) + (ed * r_ij).sum(-2)
-        return d_g, d_r, None, None, None
+            u_s, inv = _unit_differences(f_s, rows, eps)
+            if grads:
+                e = grads[c] * scale
+            else:
+                u_t, _ = _unit_differences(f_t, rows, eps)
+                cos_s, cos_t = u_s @ u_s.transpose(-1, -2), u_t @ u_t.transpose(-1, -2)
+                e = (cos_s - cos_t).clamp_(-1.0, 1.0).mul_(_chunk_weights(w, rows)).mul_(scale)
+            g_u = (e + e.transpose(-1, -2)) @ u_s                       # d loss / d u_ij
+            g_diff = (g_u - u_s * (u_s * g_u).sum(-1, keepdim=True)) * inv.unsqueeze(-1)
+            # diff[i, j] = f_j - f_i
+            g_f += g_diff.sum(1)
+            g_f[:, rows] -= g_diff.sum(2)
+        return g_f, None, None, None, None, None
 
 
-def angle_loss(f_s: Tensor, f_t: Tensor, eps: float = 1e-12) -> Tensor:
-    """mean_{i,j,k} smoothL1(ψ_A(s) - ψ_A(t)) for ``[S, N, D]`` (or ``[N, D]``) features, memory-lean."""
-    squeeze = f_s.dim() == 2
-    if squeeze:
-        f_s, f_t = f_s.unsqueeze(0), f_t.unsqueeze(0)
-    lead = f_s.shape[:-2]
-    f_s, f_t = f_s.reshape(-1, *f_s.shape[-2:]), f_t.reshape(-1, *f_t.shape[-2:])
-    g_s, r_s = _gram_and_inverse_norms(f_s, eps)
-    with torch.no_grad():
-        g_t, r_t = _gram_and_inverse_norms(f_t, eps)
-    s, n = g_s.shape[0], g_s.shape[-1]
-    chunk = max(1, (1 << 18) // max(1, s * n * n))  # ~256k entries per temporary: cache-sized
-    out = _AngleLoss.apply(g_s, r_s, g_t, r_t, chunk).reshape(lead)
-    return out.squeeze(0) if squeeze else out
+def angle_loss(f_s: Tensor, f_t: Tensor, valid: Optional[Tensor] = None, eps: float = 1e-12,
+               chunk: Optional[int] = None) -> Tensor:
+    """Mean over the triplets (i, j, k) of valid rows of smoothL1(ψ_A(s) - ψ_A(t)) (mdistiller's
+    mean over all N³ entries when every row is valid), for ``[..., N, D]`` features; memory-lean.
+    ``chunk``: anchors per chunk (default: temporaries of about ``CHUNK_ELEMENTS``)."""
+    lead, n = f_s.shape[:-2], f_s.shape[-2]
+    f_s = f_s.reshape(-1, n, f_s.shape[-1])
+    f_t = f_t.detach().reshape(-1, n, f_t.shape[-1])
+    w = row_weights(valid, f_s[..., 0])
+    if chunk is None:
+        chunk = max(1, CHUNK_ELEMENTS // max(1, f_s.shape[0] * n * max(n, f_s.shape[-1], f_t.shape[-1])))
+    keep = f_s.shape[0] * n ** 3 <= KEEP_ELEMENTS and f_s.requires_grad
+    total = _AngleLoss.apply(f_s, f_t, w, int(chunk), eps, keep)
+    count = w.sum(-1)
+    return (total / (count * count * count).clamp_min(1.0)).reshape(lead)
 
 
 def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weight: float = 50.0,
@@ -154,31 +166,23 @@ def rkd_loss(f_s: Tensor, f_t: Tensor, distance_weight: float = 25.0, angle_weig
     dtype = compute_dtype(f_s, f_t)
     f_s, f_t = f_s.to(dtype), f_t.to(dtype).detach()
     w = row_weights(valid, f_s[..., 0])
-    pairs, offdiag = _pair_masks(w)
     loss = f_s.new_zeros(f_s.shape[:-2])
     if distance_weight:
+        pairs, offdiag = _pair_masks(w)
         d_s = _normalised_distances(f_s, offdiag, eps, squared)
         with torch.no_grad():
             d_t = _normalised_distances(f_t, offdiag, eps, squared)
         per_pair = F.smooth_l1_loss(d_s, d_t, reduction="none") * pairs
         loss = loss + distance_weight * per_pair.sum((-1, -2)) / pairs.sum((-1, -2)).clamp_min(1.0)
     if angle_weight:
-        if valid is None:  # the common case: chunked, nothing N³ kept for backward
-            loss = loss + angle_weight * angle_loss(f_s, f_t, eps)
-        else:
-            with torch.no_grad():
-                a_t = triplet_angles(f_t, eps)
-            per_triple = F.smooth_l1_loss(triplet_angles(f_s, eps), a_t, reduction="none")
-            triples = pairs.unsqueeze(-1) * w.unsqueeze(-2).unsqueeze(-2)
-            per_triple = per_triple * triples
-            loss = loss + angle_weight * per_triple.sum((-1, -2, -3)) / triples.sum((-1, -2, -3)).clamp_min(1.0)
+        loss = loss + angle_weight * angle_loss(f_s, f_t, w, eps)
     return loss
 
 
 @DISTILLERS.register_module("rkd")
 class RKD(Distiller):
-    """CE + ``kd_weight`` · RKD(student_feats, teacher_feats). The angle term costs N³ memory
-    per model: keep batches moderate (N = 128 → 2M entries)."""
+    """CE + ``kd_weight`` · RKD(student_feats, teacher_feats). The angle term costs N³·D
+    time per model but only chunk-sized memory."""
     uses_features = True
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False,

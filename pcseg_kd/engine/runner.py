@@ -59,7 +59,9 @@ def default_work_dir(config_path: str) -> Path:
 
 
 def write_json(path: os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+    """Strict JSON (non-finite floats as ``null``), written atomically: :func:`pcseg_kd.utils.io.write_json`."""
+    from ..utils.io import write_json as _write_json
+    _write_json(path, obj, indent=2)
 
 
 __all__ = ["parse_args", "run_checks", "import_all", "experiment_kind", "default_work_dir", "write_json", "save_config", "ConfigError"]

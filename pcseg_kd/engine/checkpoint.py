@@ -142,11 +142,31 @@ def _fallback_hint(path: Path) -> str:
 
 
 def _unsafe_globals(path: Path, e: BaseException) -> str:
+    """The importable names the file's pickle refers to beyond tensors and plain containers,
+    read with ``pickletools`` (which only parses, never imports or calls)."""
+    import pickletools
+    import zipfile
+
     try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        if names:
-            return "globals " + ", ".join(names[:5])
-    except Exception:  # not a zip checkpoint (a raw pickle): torch's message names the global
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:
+            data = path.read_bytes()
+        names, strings = [], []
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8", "SHORT_BINSTRING",
+                           "BINSTRING", "STRING"):
+                strings.append(str(arg))
+            elif op.name == "GLOBAL":
+                names.append(str(arg).replace(" ", "."))
+            elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                names.append(f"{strings[-2]}.{strings[-1]}")
+        unsafe = sorted({n for n in names if not n.startswith(("torch.", "collections.OrderedDict",
+                                                                "builtins.set", "builtins.frozenset"))})
+        if unsafe:
+            return "refers to " + ", ".join(unsafe[:5]) + (" ..." if len(unsafe) > 5 else "")
+    except Exception:  # unparsable: fall back to torch's own words
         pass
     for line in str(e).splitlines():
         if "GLOBAL" in line or "Unsupported" in line:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from pcseg_kd.data.kitti import grid_shape, voxelize
+from pcseg_kd.data.kitti.testing import FIXTURE_SEQ
 
 SIZE = [0.5, 0.4, 0.25]
 RANGE = [-10.0, -8.0, -2.0, 10.0, 8.0, 1.0]
@@ -17,8 +18,9 @@ def brute_force(points, batch, size, prange, clip):
     p2v_key = []
     for p, b in zip(points.tolist(), batch.tolist()):
         g = [math.floor((p[a] - prange[a]) / size[a]) for a in range(3)]
-        if clip:
+        if clip:  # the point goes to the border voxel, its coordinates clipped into the range
             g = [min(max(g[a], 0), dims[a] - 1) for a in range(3)]
+            p = [min(max(p[a], prange[a]), prange[3 + a]) for a in range(3)] + list(p[3:])
         elif any(g[a] < 0 or g[a] >= dims[a] for a in range(3)):
             p2v_key.append(None)
             continue
@@ -94,3 +96,47 @@ def test_spconv_sparse_tensor_takes_the_output():
     dense = t.dense()  # (B, C, Z, Y, X): each voxel's features land at its [b, z, y, x]
     c = v.coords.long()
     torch.testing.assert_close(dense[c[:, 0], :, c[:, 1], c[:, 2], c[:, 3]], v.features)
+
+
+def test_clip_bounds_the_features_of_far_points():
+    """A stray point far outside the range (1e8 m, 1e30 m) lands in a border voxel whose
+    features stay inside the range; before, the raw coordinates reached the network."""
+    pts, _ = random_points(500, 3)
+    far = np.array([[1e8, 0.5, 0.1, 0.3], [-1e30, 1e30, -1e30, 0.7], [3.0, -2e8, 5e7, 0.2]], np.float32)
+    allp = np.concatenate([pts, far])
+    v = voxelize(torch.from_numpy(allp), SIZE, RANGE, out_of_range="clip")
+    f = v.features.numpy()
+    assert np.isfinite(f).all()
+    lo, hi = np.array(RANGE[:3]), np.array(RANGE[3:])
+    assert (f[:, :3] >= lo - 1e-5).all() and (f[:, :3] <= hi + 1e-5).all()
+    assert (np.abs(f[:, 4:7]) <= np.array(SIZE) / 2 + 1e-5).all()  # offsets from the voxel centre
+    # each far point's voxel is the border voxel its clipped coordinates give (independent float64 reference)
+    dims = np.array(v.spatial_shape[::-1])
+    for i, p in enumerate(far, start=len(pts)):
+        c = np.clip(p[:3].astype(np.float64), lo, hi)
+        g = np.minimum(np.floor((c - lo) / np.array(SIZE)), dims - 1).astype(int)
+        assert v.coords[v.point2voxel[i]].tolist() == [0, g[2], g[1], g[0]]
+    # drop mode: no voxel for them, and no integer overflow turning 1e30 into a valid index
+    d = voxelize(torch.from_numpy(allp), SIZE, RANGE, out_of_range="drop")
+    assert (d.point2voxel[len(pts):] == -1).all()
+
+
+def test_voxel_indices_are_the_exact_float64_floor_on_the_real_scan():
+    scan = FIXTURE_SEQ / "velodyne" / "000000.bin"
+    if not scan.is_file():
+        pytest.skip(f"real fixture scan {scan} is absent")
+    pts = np.fromfile(scan, dtype=np.float32).reshape(-1, 4)
+    size, prange = [0.05, 0.05, 0.05], [-51.2, -51.2, -4.0, 51.2, 51.2, 2.4]
+    lo, sz = np.array(prange[:3], np.float64), np.array(size, np.float64)
+    exact = np.floor((pts[:, :3].astype(np.float64) - lo) / sz).astype(np.int64)
+    dims = np.array(grid_shape(size, prange)[::-1])
+    inside = ((exact >= 0) & (exact < dims)).all(1)
+    assert inside.sum() > 100_000
+    # float32 arithmetic would put some points one voxel off: the check is not vacuous
+    f32 = np.floor((pts[:, :3] - lo.astype(np.float32)) / sz.astype(np.float32)).astype(np.int64)
+    assert (f32[inside] != exact[inside]).any(axis=1).sum() > 0
+    v = voxelize(torch.from_numpy(pts), size, prange, out_of_range="drop")
+    p2v = v.point2voxel.numpy()
+    np.testing.assert_array_equal(p2v >= 0, inside)
+    got = v.coords.numpy()[p2v[inside]][:, [3, 2, 1]]
+    np.testing.assert_array_equal(got, exact[inside])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from typing import Union
+from typing import Optional, Tuple, Union
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -16,10 +16,30 @@ PathLike = Union[str, "os.PathLike[str]"]
 class KittiDataError(ValueError):
     """An input file is missing, unreadable or inconsistent. ``path`` names the file."""
 
-    def __init__(self, path: PathLike, problem: str):
+    def __init__(self, path: PathLike, problem: Optional[str] = None):
+        self.worker_traceback: Optional[str] = None
+        if problem is None:  # one argument: a message, e.g. torch's re-raise from a DataLoader worker
+            path, problem, self.worker_traceback = _parse_message(str(path))
         self.path = str(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
+
+    def __reduce__(self):
+        # rebuilt from (path, problem), not from the message: an error raised in a DataLoader
+        # worker reaches the main process as the same KittiDataError with the same message
+        return (type(self), (self.path, self.problem), self.__dict__)
+
+
+def _parse_message(msg: str) -> Tuple[str, str, Optional[str]]:
+    """``"PATH: PROBLEM"``, or torch's ``"Caught KittiDataError in DataLoader worker process 0.
+    Original Traceback ...\n...KittiDataError: PATH: PROBLEM\n"`` -> (path, problem, traceback)."""
+    tb = None
+    marker = "KittiDataError: "
+    if msg.startswith("Caught ") and marker in msg:
+        tb = msg
+        msg = msg[msg.rindex(marker) + len(marker):].rstrip("\n")
+    path, sep, problem = msg.partition(": ")
+    return (path, problem, tb) if sep else ("<unknown file>", msg, tb)
 
 
 class BadFrameLog:

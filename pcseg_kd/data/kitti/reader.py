@@ -18,8 +18,20 @@ from .errors import KittiDataError, PathLike
 POINT_BYTES = 16  # 4 x float32
 
 
-def read_scan(path: PathLike) -> np.ndarray:
-    """``velodyne/NNNNNN.bin`` -> (N, 4) float32 x, y, z, remission."""
+#: No KITTI LiDAR measures beyond ~120 m; a finite coordinate beyond this is a corrupt value
+#: (one point at 1e8 m drives the stem's BatchNorm variance to 1e8 and the model to 0 mIoU).
+MAX_ABS_COORD = 1000.0
+#: KITTI remission lies in [0, 1] (other sensors: 0..255 or 0..65535).
+MAX_ABS_REMISSION = 1e6
+
+
+def read_scan(path: PathLike, max_abs_coord: float = MAX_ABS_COORD,
+              max_abs_remission: float = MAX_ABS_REMISSION) -> np.ndarray:
+    """``velodyne/NNNNNN.bin`` -> (N, 4) float32 x, y, z, remission.
+
+    Rejected with :class:`KittiDataError` naming the file (never passed on): a size that is
+    not whole points, NaN/inf values, any coordinate with ``|x|``, ``|y|`` or ``|z|`` above
+    ``max_abs_coord`` metres, any ``|remission|`` above ``max_abs_remission``."""
     path = Path(path)
     size = _file_size(path, "scan")
     if size == 0:
@@ -33,6 +45,18 @@ def read_scan(path: PathLike) -> np.ndarray:
         bad = np.flatnonzero(~finite)
         raise KittiDataError(path, f"non-finite values (NaN/inf) in {bad.size} of {len(points)} points "
                                    f"(first at row {bad[0]})")
+    bad_xyz = np.abs(points[:, :3]).max(axis=1) > max_abs_coord
+    if bad_xyz.any():
+        bad = np.flatnonzero(bad_xyz)
+        raise KittiDataError(path, f"coordinates beyond {max_abs_coord:g} m in {bad.size} of {len(points)} points "
+                                   f"(first at row {bad[0]}: {points[bad[0], :3].tolist()}): not a LiDAR "
+                                   f"measurement (corrupt file?); a scan is rejected whole, since dropping "
+                                   f"points would misalign its labels")
+    bad_rem = np.abs(points[:, 3]) > max_abs_remission
+    if bad_rem.any():
+        bad = np.flatnonzero(bad_rem)
+        raise KittiDataError(path, f"remission beyond {max_abs_remission:g} in {bad.size} of {len(points)} points "
+                                   f"(first at row {bad[0]}: {float(points[bad[0], 3])!r}): corrupt file?")
     return points
 
 

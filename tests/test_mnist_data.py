@@ -3,6 +3,7 @@ teacher-input noise. All data are generated here (tiny IDX files, PNGs, photos).
 from __future__ import annotations
 
 import gzip
+import io
 import pickle
 import struct
 import subprocess
@@ -210,6 +211,82 @@ def test_pickle_reader_formats(tmp_path):
     # our writer round-trips
     save_mnistm_pickle(tmp_path / "ours.pkl", {"train": (imgs[:4], np.arange(4)), "test": (imgs[4:], np.arange(4))})
     assert np.array_equal(load_mnistm_pickle(tmp_path / "ours.pkl")["train"][0], imgs[:4])
+
+
+class _Py2Pickler(pickle._Pickler):
+    """Writes every str/bytes as Python 2's 8-bit ``str`` (SHORT_BINSTRING / BINSTRING), the
+    way a Python 2 ``cPickle.dump(..., protocol=2)`` stores numpy's array data."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_py2_str(self, obj):
+        data = obj.encode("latin1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[bytes] = _save_py2_str
+    dispatch[str] = _save_py2_str
+
+
+def py2_pickle_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    _Py2Pickler(buf, protocol=2).dump(obj)
+    # numpy 1.x (all Python 2 numpys) lived under numpy.core
+    return buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
+
+
+def _bright_images(n, seed=0):
+    return np.random.default_rng(seed).integers(128, 256, (n, 28, 28, 3)).astype(np.uint8)  # bytes > 127
+
+
+def test_pickle_reader_python2_pickle(tmp_path):
+    """Issue 10.4: a Python 2 pickle (8-bit str array data) needs encoding="latin1"."""
+    imgs = _bright_images(5)
+    raw = py2_pickle_bytes({"train": imgs[:3], "train_label": np.arange(3), "val": imgs[3:], "val_label": np.arange(2)})
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(raw)  # what the default encoding does with it
+    p = tmp_path / "py2.pkl"
+    p.write_bytes(raw)
+    got = load_mnistm_pickle(p)
+    assert np.array_equal(got["train"][0], imgs[:3]) and np.array_equal(got["test"][0], imgs[3:])
+    assert np.array_equal(got["train"][1], np.arange(3))
+
+
+@pytest.mark.parametrize("protocol", [0, 1, 2, 3, 5])
+def test_pickle_reader_every_protocol(tmp_path, protocol):
+    """Issue 10.4: Python 3 writes bytes as _codecs.encode(text, "latin1") in protocols <= 2."""
+    imgs = _bright_images(4, seed=1)
+    p = tmp_path / f"p{protocol}.pkl"
+    with open(p, "wb") as f:
+        pickle.dump({"train": imgs[:2], "train_label": np.array([3, 4]), "test": imgs[2:],
+                     "test_label": np.array([5, 6])}, f, protocol=protocol)
+    got = load_mnistm_pickle(p)
+    assert np.array_equal(got["train"][0], imgs[:2]) and np.array_equal(got["test"][1], [5, 6])
+
+
+def test_pickle_reader_float_images(tmp_path):
+    """Issue 10.4: float images in [0, 1] were truncated to 0/1; now scaled by 255 (and
+    rounded); whole-number floats in [0, 255] are cast; other ranges are refused."""
+    imgs = _bright_images(4, seed=2)
+    cases = {"unit": imgs.astype(np.float32) / 255.0, "whole": imgs.astype(np.float64)}
+    for name, arr in cases.items():
+        p = tmp_path / f"{name}.pkl"
+        with open(p, "wb") as f:
+            pickle.dump({"train": arr[:2], "test": arr[2:]}, f)
+        got = load_mnistm_pickle(p)
+        assert got["train"][0].dtype == np.uint8
+        assert np.array_equal(got["train"][0], imgs[:2]) and np.array_equal(got["test"][0], imgs[2:]), name
+    for bad, match in ((imgs.astype(np.float32) / 255.0 - 0.75, "values in"),  # normalised, negative
+                       (imgs.astype(np.float32) + 0.5, "values in"),
+                       (imgs.astype(np.int32) + 300, "0..255")):
+        p = tmp_path / "bad.pkl"
+        with open(p, "wb") as f:
+            pickle.dump({"train": bad[:2], "test": bad[2:]}, f)
+        with pytest.raises(ValueError, match=match):
+            load_mnistm_pickle(p)
 
 
 def test_pickle_reader_refuses_code(tmp_path):

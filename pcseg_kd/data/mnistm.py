@@ -10,7 +10,9 @@ the original), so photos must be at least 29×29.
 Formats:
 
 * index-aligned pickle of arrays (what ``tools/make_mnistm.py`` and the authors' code
-  write): ``{"train": uint8 [N,28,28,3], "train_label": [N], "val" or "test": ..., ...}``;
+  write): ``{"train": uint8 [N,28,28,3], "train_label": [N], "val" or "test": ..., ...}``,
+  any pickle protocol, Python 2 pickles included; float images in [0, 1] are scaled to
+  0..255 (see :func:`as_uint8_images`);
   image i is built from MNIST image i. The DANN-era ``mnistm_data.pkl`` (keys
   ``train``/``valid``/``test``, no labels; TensorFlow's MNIST split put the first 5000
   training images in ``valid``) is reassembled as ``valid + train``.
@@ -107,16 +109,52 @@ def load_photos(folder: os.PathLike | str, min_size: int = 29) -> Tuple[List[np.
 
 # ----------------------------------------------------------------------------- pickle format
 class _ArrayUnpickler(pickle.Unpickler):
-    """Unpickles dicts/lists of numpy arrays only: a pickle from elsewhere cannot run code."""
+    """Unpickles dicts/lists of numpy arrays only: a pickle from elsewhere cannot run code.
+
+    Reads every protocol: protocol <= 2 pickles written by Python 3 store bytes as
+    ``_codecs.encode(text, "latin1")`` (allowed: it only turns text into bytes), and Python 2
+    pickles store array data as 8-bit ``str``, which needs ``encoding="latin1"`` (numpy's
+    recommendation; the default ASCII refuses any byte above 127)."""
 
     _ALLOWED = {("collections", "OrderedDict"), ("builtins", "dict"), ("builtins", "list"),
-                ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str")}
+                ("builtins", "tuple"), ("builtins", "int"), ("builtins", "float"), ("builtins", "str"),
+                ("builtins", "bytes"), ("_codecs", "encode")}
+
+    def __init__(self, file):
+        super().__init__(file, encoding="latin1")
     _NUMPY = {"_reconstruct", "ndarray", "dtype", "scalar", "_frombuffer", "frombuffer"}
 
     def find_class(self, module, name):
         if (module, name) in self._ALLOWED or (module.split(".")[0] == "numpy" and name in self._NUMPY):
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refusing to unpickle {module}.{name} (only numpy arrays are allowed)")
+
+
+def as_uint8_images(images: np.ndarray, where: str) -> np.ndarray:
+    """uint8 images from a stored array: uint8 as is; other integers in 0..255 cast; floats in
+    [0, 1] scaled by 255 and rounded (ToTensor's range), integral floats in [0, 255] cast;
+    anything else (negative, above 255, fractional values above 1, NaN) is an error rather
+    than a silent truncation to 0/1."""
+    images = np.asarray(images)
+    if images.dtype == np.uint8:
+        return images
+    if images.dtype == np.bool_ or not (np.issubdtype(images.dtype, np.integer) or np.issubdtype(images.dtype, np.floating)):
+        raise ValueError(f"{where}: images of dtype {images.dtype} cannot be read as 8-bit pixels")
+    if images.size == 0:
+        return images.astype(np.uint8)
+    lo, hi = images.min(), images.max()
+    if np.issubdtype(images.dtype, np.floating):
+        if not np.isfinite(images).all():
+            raise ValueError(f"{where}: float images contain NaN or infinite values")
+        if lo >= 0.0 and hi <= 1.0:
+            return np.rint(images.astype(np.float64) * 255.0).astype(np.uint8)
+        if lo >= 0.0 and hi <= 255.0 and np.array_equal(images, np.rint(images)):
+            return images.astype(np.uint8)
+        raise ValueError(f"{where}: float images must lie in [0, 1] (scaled by 255) or hold whole numbers in "
+                         f"[0, 255]; found values in [{lo:g}, {hi:g}]")
+    if lo < 0 or hi > 255:
+        raise ValueError(f"{where}: integer images must lie in 0..255, found values in [{lo}, {hi}]")
+    return images.astype(np.uint8)
 
 
 def _label_key(data: dict, split_key: str) -> Optional[str]:
@@ -135,7 +173,7 @@ def load_mnistm_pickle(path: os.PathLike | str) -> Dict[str, Tuple[np.ndarray, O
     try:
         with open(path, "rb") as f:
             data = _ArrayUnpickler(io.BufferedReader(f)).load()
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
+    except (pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError, TypeError, AttributeError) as e:
         raise ValueError(f"{path}: not a readable MNIST-M pickle ({e})") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a dict of arrays, got {type(data).__name__}")
@@ -154,7 +192,7 @@ def load_mnistm_pickle(path: os.PathLike | str) -> Dict[str, Tuple[np.ndarray, O
             raise ValueError(f"{path}: '{key}' must be uint8 images [N, 28, 28, 3], got {images.dtype} {images.shape}")
         if labels is not None and len(labels) != len(images):
             raise ValueError(f"{path}: '{key}' has {len(images)} images but {len(labels)} labels")
-        out[split] = (images.astype(np.uint8, copy=False), labels)
+        out[split] = (as_uint8_images(images, f"{path}: '{key}'"), labels)
     return out
 
 

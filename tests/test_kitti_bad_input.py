@@ -133,3 +133,84 @@ def test_skip_bad_frames_warns_and_counts(tmp_path):
     assert ds.bad_frames.count == 2 and sum(ds.bad_frames.by_kind.values()) == 2
     with pytest.raises(KittiDataError):
         dataset(tmp_path)[1]
+
+
+@pytest.mark.parametrize("far", [1e8, -1e30, 1500.0])
+def test_finite_but_absurd_coordinates_are_rejected(tmp_path, far):
+    pts = np.random.default_rng(0).uniform(1, 20, (100, 4)).astype(np.float32)
+    pts[:, 3] = 0.5
+    pts[17, 2] = far
+    p = write_frame(tmp_path, points=pts)
+    expect_error(dataset(tmp_path), p["scan"], r"coordinates beyond 1000 m in 1 of 100 points \(first at row 17")
+    # with skip_bad_frames the frame is skipped (and counted) rather than reaching the network
+    pts[17, 2] = 999.0  # the bound itself is fine
+    write_frame(tmp_path, points=pts)
+    assert len(dataset(tmp_path)[0]["points"]) == 100
+
+
+def test_absurd_remission_is_rejected(tmp_path):
+    pts = np.random.default_rng(0).uniform(1, 20, (100, 4)).astype(np.float32)
+    pts[3, 3] = 1e30
+    p = write_frame(tmp_path, points=pts)
+    expect_error(dataset(tmp_path), p["scan"], r"remission beyond 1e\+06 in 1 of 100 points \(first at row 3")
+
+
+@pytest.mark.parametrize("scale", [0.5, 2.0])
+def test_image_of_another_size_than_the_calibration_implies(tmp_path, scale):
+    h, w = int(376 * scale), int(1241 * scale)
+    p = write_frame(tmp_path, image_hw=(h, w))
+    expect_error(dataset(tmp_path), p["image"],
+                 rf"image size {w}x{h} does not fit calib {re.escape(str(p['calib']))}'s P2: .*implies about 1214x370")
+    assert "image" not in dataset(tmp_path, load_image=False)[0]  # LiDAR-only use does not read it
+
+
+def test_real_kitti_image_sizes_fit_their_calibrations(tmp_path):
+    from pcseg_kd.data.kitti import lidar_to_image_matrix
+    from pcseg_kd.data.kitti.projection import check_image_size
+    from pcseg_kd.data.kitti.synthetic.calibrations import KITTI_04_12
+    from pcseg_kd.data.kitti.testing import FIXTURE_SEQ
+
+    real = FIXTURE_SEQ / "calib.txt"
+    calib_00 = read_calib(real) if real.is_file() else None
+    if calib_00 is not None:
+        check_image_size("000000.png", (376, 1241), lidar_to_image_matrix(calib_00), real)
+        check_image_size("000000.png", (376, 1241), calib_00["P2"], real)
+    check_image_size("000000.png", (370, 1226), lidar_to_image_matrix(KITTI_04_12))
+    for hw in [(185, 613), (740, 2452)]:
+        with pytest.raises(KittiDataError, match=r"^000000.png: image size"):
+            check_image_size("000000.png", hw, lidar_to_image_matrix(KITTI_04_12))
+    # and a whole frame in KITTI 04-10's layout loads
+    write_frame(tmp_path, image_hw=(370, 1226), calib=KITTI_04_12)
+    assert len(dataset(tmp_path)[0]["img_point_idx"]) > 0
+
+
+def test_principal_point_of_p2_times_tr_is_p2s():
+    from pcseg_kd.data.kitti import lidar_to_image_matrix
+    from pcseg_kd.data.kitti.projection import principal_point
+    from pcseg_kd.data.kitti.synthetic.calibrations import KITTI_00_02
+    cx, cy = principal_point(lidar_to_image_matrix(KITTI_00_02))
+    assert abs(cx - KITTI_00_02["P2"][0, 2]) < 1e-3 and abs(cy - KITTI_00_02["P2"][1, 2]) < 1e-3
+
+
+def test_kitti_data_error_survives_pickling_and_dataloader_workers(tmp_path):
+    import pickle
+
+    import torch
+
+    err = KittiDataError(tmp_path / "x.bin", "size 17 bytes is not a multiple of 16")
+    back = pickle.loads(pickle.dumps(err))
+    assert type(back) is KittiDataError and str(back) == str(err) and back.path == err.path
+    assert back.problem == err.problem
+
+    p = write_frame(tmp_path)
+    p["scan"].write_bytes(p["scan"].read_bytes()[:17])
+    ds = dataset(tmp_path)
+    with pytest.raises(KittiDataError) as direct:
+        ds[0]
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=1)
+    with pytest.raises(KittiDataError) as info:
+        next(iter(loader))
+    assert type(info.value) is KittiDataError
+    assert str(info.value) == str(direct.value)
+    assert info.value.path == str(p["scan"]) and "size 17 bytes" in info.value.problem
+    assert "DataLoader worker" in (info.value.worker_traceback or "")  # the worker's traceback is kept

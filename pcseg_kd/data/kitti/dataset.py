@@ -146,6 +146,8 @@ class SemanticKITTIDataset(Dataset):
         if self.load_image:
             proj_matrix = self.lidar_to_image(frame)
             image = read_image(frame.image)
+            from .projection import check_image_size  # the image's size must fit the calibration
+            check_image_size(frame.image, image.shape[:2], proj_matrix, frame.calib, self.camera)
             proj = project_to_image(scan[:, :3], proj_matrix, image.shape[:2])
             in_view = np.flatnonzero(proj.in_view)
             if in_view.size == 0 and self.require_in_view:

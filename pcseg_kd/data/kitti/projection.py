@@ -38,3 +38,41 @@ def project_to_image(xyz: np.ndarray, lidar_to_image: np.ndarray, image_hw: Tupl
     uv[in_front] = cam[in_front, :2] / depth[in_front, None]
     in_view = in_front & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
     return Projection(uv=uv, depth=depth, in_view=in_view)
+
+
+#: An image whose width or height is off by more than this factor from twice the principal
+#: point (KITTI's principal point is within 2.5 % of the image centre) is not the image the
+#: calibration describes: resized (half / double size), or another camera's or dataset's.
+IMAGE_SIZE_TOLERANCE = 1.5
+
+
+def principal_point(projection: np.ndarray) -> Tuple[float, float]:
+    """(cx, cy) in pixels of a 3x4 camera matrix ``K [R | t]`` (e.g. ``P2`` or ``P2 @ Tr``):
+    with rows m1, m2, m3 of its left 3x3 block and R orthonormal, ``cx = m1.m3 / |m3|^2``,
+    ``cy = m2.m3 / |m3|^2`` (no decomposition needed)."""
+    m = np.asarray(projection, dtype=np.float64)[:, :3]
+    n3 = float(m[2] @ m[2])
+    if not n3 > 0:
+        raise ValueError("projection matrix has a zero third row")
+    return float(m[0] @ m[2] / n3), float(m[1] @ m[2] / n3)
+
+
+def check_image_size(image_path, image_hw: Tuple[int, int], projection: np.ndarray,
+                     calib_path=None, camera: str = "P2", tolerance: float = IMAGE_SIZE_TOLERANCE) -> None:
+    """Raise :class:`KittiDataError` naming ``image_path`` when the image's size does not fit the
+    calibration: its width / height differ from ``2 cx`` / ``2 cy`` (the size the principal point
+    implies) by more than ``tolerance`` times. KITTI's 1241x376 (00-02; 2 cx, 2 cy = 1214x370) and
+    1226x370 (04-10; 1204x366) pass; an image of half or double the size is an error, instead of
+    projecting every point to a wrong pixel."""
+    from .errors import KittiDataError
+
+    h, w = int(image_hw[0]), int(image_hw[1])
+    cx, cy = principal_point(projection)
+    iw, ih = 2.0 * cx, 2.0 * cy
+    bad = not (iw > 0 and ih > 0) or any(not (1.0 / tolerance <= actual / implied <= tolerance)
+                                         for actual, implied in ((w, iw), (h, ih)))
+    if bad:
+        where = f"calib {calib_path}'s {camera}" if calib_path is not None else f"the calibration's {camera}"
+        raise KittiDataError(image_path, f"image size {w}x{h} does not fit {where}: its principal point "
+                                         f"({cx:.1f}, {cy:.1f}) implies about {iw:.0f}x{ih:.0f} "
+                                         f"(a resized image, or one of another camera or sequence?)")

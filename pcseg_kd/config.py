@@ -34,12 +34,32 @@ class ConfigError(ValueError):
 
 
 # ----------------------------------------------------------------------------- loading
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2 floats: ``1e-3`` and ``2E5`` are numbers, not the
+    strings YAML 1.1 makes of them (which only ``1.0e-3`` escapes)."""
+
+
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_FLOAT_12 = __import__("re").compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", __import__("re").X)
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
+
+
+def yaml_load(stream: Any) -> Any:
+    """``yaml.safe_load`` with ``1e-3`` read as a float."""
+    return yaml.load(stream, Loader=_Loader)
+
+
 def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            data = yaml_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if data is None:
@@ -199,8 +219,15 @@ def _type_name(ann: Any) -> str:
 
 def _check_value(path: str, value: Any, ann: Any, prov, errors: List[str]) -> None:
     if not _type_ok(value, ann):
+        hint = ""
+        if isinstance(value, str) and _type_ok(1.0, ann):
+            try:
+                float(value)
+                hint = f" (a quoted number is a string: write {float(value)!r} without quotes, e.g. 1.0e-3)"
+            except ValueError:
+                pass
         errors.append(f"{_where(prov, path)}: {path}: expected {_type_name(ann)}, got "
-                      f"{type(value).__name__} {value!r}")
+                      f"{type(value).__name__} {value!r}{hint}")
 
 
 def accepted_params(target: Any):
@@ -236,6 +263,9 @@ def _validate_registry_section(path: str, section: Any, registry: Registry, prov
     kind = section.get("type")
     if kind is None:
         errors.append(f"{_where(prov, path)}: {path}: missing 'type' (one of: {', '.join(registry.keys())})")
+        return
+    if kind not in registry and registry.unavailable_reason(kind):
+        errors.append(f"{_where(prov, path + '.type')}: {path}.type: {registry.unavailable_reason(kind)}")
         return
     if kind not in registry:
         errors.append(f"{_where(prov, path + '.type')}: {path}.type: unknown {registry.name} type "

@@ -10,10 +10,27 @@ import inspect
 from typing import Any, Callable, Dict, Mapping, Optional
 
 
+class MissingDependencyError(ImportError, ValueError):
+    """A registered name whose implementation needs a package that is not installed (the
+    message says which and how to install it). A ``ValueError`` too, so config checks and the
+    command-line tools report it as one line."""
+
+
 class Registry:
     def __init__(self, name: str):
         self.name = name
         self._modules: Dict[str, Callable] = {}
+        self._unavailable: Dict[str, str] = {}
+
+    def register_unavailable(self, name: str, reason: str) -> None:
+        """Declare ``name`` as known but not usable here (e.g. its optional dependency failed
+        to import): :meth:`get` and :meth:`build` raise :class:`MissingDependencyError` with
+        ``reason`` instead of "unknown type"."""
+        if name not in self._modules:
+            self._unavailable[name] = reason
+
+    def unavailable_reason(self, key: str) -> Optional[str]:
+        return None if key in self._modules else self._unavailable.get(key)
 
     def __repr__(self) -> str:
         return f"Registry({self.name!r}, {sorted(self._modules)})"
@@ -37,6 +54,7 @@ class Registry:
                 raise KeyError(f"{key!r} is already registered in {self.name} "
                                f"(by {self._modules[key]!r}); pass force=True to replace it")
             self._modules[key] = obj
+            self._unavailable.pop(key, None)
             return obj
 
         if module is not None:
@@ -44,6 +62,8 @@ class Registry:
         return _register
 
     def get(self, key: str) -> Callable:
+        if key not in self._modules and key in self._unavailable:
+            raise MissingDependencyError(self._unavailable[key])
         if key not in self._modules:
             raise KeyError(f"unknown {self.name} type {key!r}; registered: {', '.join(self.keys())}")
         return self._modules[key]

@@ -3,8 +3,13 @@
 ``fusion_teacher`` the image+point teacher (the last two need spconv only for the point branch)."""
 from .image import ResNetFCN, sample_at_pixels  # noqa: F401
 from .mlp import MLP, PlainMLP  # noqa: F401
-from .sparse.spconv_compat import HAVE_SPCONV
+from .sparse.spconv_compat import HAVE_SPCONV, spconv_missing_message
 
 if HAVE_SPCONV:  # optional extra: registers "spunet" and "fusion_teacher"
     from .fusion_teacher import FusionTeacher  # noqa: F401
     from .sparse.spunet import SpUNet  # noqa: F401
+else:  # known names: building one says spconv is missing and how to install it
+    from ..registry import MODELS as _MODELS
+
+    for _name in ("spunet", "fusion_teacher"):
+        _MODELS.register_unavailable(_name, spconv_missing_message(f"model type {_name!r}"))

@@ -53,6 +53,7 @@ except Exception as _err:  # pragma: no cover - depends on the environment
 __all__ = [
     "HAVE_SPCONV",
     "require_spconv",
+    "spconv_missing_message",
     "install_cpu_guards",
     "uninstall_cpu_guards",
     "cpu_guards_installed",
@@ -95,16 +96,47 @@ _lock = threading.Lock()
 _tls = threading.local()
 
 
+def spconv_missing_message(what: str = "it") -> str:
+    """Why spconv is unusable here and how to install it (for error messages)."""
+    return (f"{what} requires spconv 2.x, which could not be imported ({_SPCONV_IMPORT_ERROR!r}). "
+            "Install the CPU build with `pip install 'pcseg_kd[spconv]'` (i.e. `pip install spconv`), "
+            "or, for CUDA, the wheel matching your CUDA toolkit, e.g. `pip install spconv-cu120` or "
+            "`pip install spconv-cu121` (install only one spconv package).")
+
+
 def require_spconv(what: str) -> None:
     """Raise ``ImportError`` naming ``what`` if spconv cannot be imported."""
     if HAVE_SPCONV:
         return
-    raise ImportError(
-        f"{what} requires spconv 2.x, which could not be imported ({_SPCONV_IMPORT_ERROR!r}). "
-        "Install the CPU build with `pip install 'pcseg_kd[spconv]'` (i.e. `pip install spconv`), "
-        "or, for CUDA, the wheel matching your CUDA toolkit, e.g. `pip install spconv-cu120` or "
-        "`pip install spconv-cu121` (install only one spconv package)."
-    ) from _SPCONV_IMPORT_ERROR
+    raise ImportError(spconv_missing_message(what)) from _SPCONV_IMPORT_ERROR
+
+
+def _silence_fx_tracing_warning() -> None:
+    """torch logs ``is_fx_tracing will return true for both fx.symbolic_trace and torch.export ...``
+    once per process, the first time spconv builds a ``SparseConvTensor`` (its
+    ``ProxyableClassMeta`` calls ``torch.fx``'s ``is_fx_tracing``); nothing here traces, so the
+    line only clutters every KITTI command. The warning is an ``lru_cache``d function: calling
+    it once with its logger disabled uses up its one emission."""
+    try:
+        from torch.fx import _symbolic_trace as st
+    except Exception:  # pragma: no cover - another torch layout
+        return
+    warn = getattr(st, "is_fx_tracing_warning", None)
+    log = getattr(st, "log", None)
+    if warn is None or log is None:
+        return
+    disabled = log.disabled
+    log.disabled = True
+    try:
+        warn()
+    except Exception:  # pragma: no cover
+        pass
+    finally:
+        log.disabled = disabled
+
+
+if HAVE_SPCONV:
+    _silence_fx_tracing_warning()
 
 
 def _is_cpu_call(args: tuple, kwargs: dict) -> bool:

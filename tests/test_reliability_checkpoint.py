@@ -239,3 +239,38 @@ def test_runner_write_json_is_strict(tmp_path):
     from pcseg_kd.engine.runner import write_json
     write_json(tmp_path / "r.json", {"a": float("nan")})
     assert json.loads((tmp_path / "r.json").read_text()) == {"a": None}
+
+
+def test_checkpoint_write_on_a_full_disk_names_the_file(tmp_path, monkeypatch):
+    import errno
+    import io
+
+    real_fdopen = os.fdopen
+
+    class Full(io.RawIOBase):
+        def __init__(self, f):
+            self.f, self.n = f, 0
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            self.n += len(b)
+            if self.n > 2000:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(b)
+
+        def fileno(self):
+            return self.f.fileno()
+
+        def close(self):
+            self.f.close()
+            super().close()
+
+    monkeypatch.setattr(os, "fdopen", lambda fd, mode="r", *a, **k: Full(real_fdopen(fd, mode, *a, **k)))
+    target = tmp_path / "last.pt"
+    with pytest.raises(OSError, match=f"cannot write {target}: No space left on device") as info:
+        ckpt.save_checkpoint(target, {"w": torch.randn(10000)})
+    assert info.value.errno == errno.ENOSPC
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # no temporary file left

@@ -3,6 +3,9 @@
 
     python tools/make_synthetic_kitti.py --out data/synthetic_kitti --sequences 00 08 --frames 50 --seed 0
 
+A failure (an unwritable --out, a bad option value) is one ``error: ...`` line and exit
+status 1; add --debug for the traceback.
+
 The result loads through the same reader as the real dataset:
 ``SemanticKITTIDataset(root=OUT, sequences=["00"])``. ``--degradation`` (0..1) controls how
 well the image reveals the classes (colour confusion + noise + blur), i.e. the size of the
@@ -18,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pcseg_kd.data.kitti.synthetic import ImageQuality, LidarModel, SyntheticConfig, generate_dataset  # noqa: E402
+from pcseg_kd.utils.cli import run_main  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -56,4 +60,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -5,15 +5,16 @@
 
 Writes DIR/results.json, DIR/results.md (Markdown tables in the layout of the paper's
 Tables 2 and 8), DIR/accuracy_vs_cmd.png, and one file per finished cell in DIR/cells/
-(a killed sweep resumes from them; --force recomputes).
+(a killed sweep resumes from them; --force recomputes). A failure is one ``error: ...``
+line (exit status 1); --debug shows the traceback.
 """
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcseg_kd.config import ConfigError  # noqa: E402
 from pcseg_kd.engine.runner import default_work_dir, parse_args  # noqa: E402
+from pcseg_kd.utils.cli import EXPECTED_ERRORS, run_main  # noqa: E402
 
 
 def main(argv=None):
@@ -21,14 +22,12 @@ def main(argv=None):
     from pcseg_kd.engine.toy.sweep import run_sweep
 
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
-    try:
-        summary = run_sweep(args.config, args.overrides, work_dir, progress=not args.no_progress, force=args.force)
-    except (ConfigError, KeyError, ValueError, TypeError) as e:
-        raise SystemExit(f"error: {e}")
+    summary = run_sweep(args.config, args.overrides, work_dir, progress=not args.no_progress, force=args.force)
     print((work_dir / "results.md").read_text())
     print(f"wrote {work_dir / 'results.json'}, {work_dir / 'results.md'}, {work_dir / 'accuracy_vs_cmd.png'}")
     return summary
 
 
 if __name__ == "__main__":
-    main()
+    # KeyError / TypeError: a config's value of the wrong kind that reaches the sweep's code
+    sys.exit(run_main(main, expected=EXPECTED_ERRORS + (KeyError, TypeError)))

@@ -65,7 +65,16 @@ def save_checkpoint(path: os.PathLike | str, state: Dict[str, Any],
     if keep_previous is None:
         keep_previous = path.name == "last.pt"
     before_replace = (lambda: _keep_previous(path)) if keep_previous else None
-    return atomic_write(path, lambda f: torch.save(payload, f), binary=True, before_replace=before_replace)
+
+    def write(f) -> None:
+        try:
+            torch.save(payload, f)
+        except RuntimeError as e:  # torch's zip writer turns a failed f.write (disk full) into
+            if isinstance(e.__context__, OSError):  # "[enforce fail ...] unexpected pos": say what failed
+                raise e.__context__ from None
+            raise
+
+    return atomic_write(path, write, binary=True, before_replace=before_replace)
 
 
 def _keep_previous(path: Path) -> None:

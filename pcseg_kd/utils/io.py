@@ -153,3 +153,28 @@ def dumps_json(obj: Any, indent: Optional[int] = 2, **kw: Any) -> str:
 def write_json(path: os.PathLike | str, obj: Any, indent: Optional[int] = 2, **kw: Any) -> Path:
     """Write ``obj`` as strict JSON (non-finite floats as ``null``) atomically, with a final newline."""
     return atomic_write_text(path, dumps_json(obj, indent=indent, **kw) + "\n")
+
+
+_RAISE = object()
+
+
+def read_json(path: os.PathLike | str, default: Any = _RAISE) -> Any:
+    """Read a JSON file. With ``default`` given, a missing file returns it and a damaged one
+    (truncated by a kill, not JSON) warns naming the file and returns it (e.g. a cache entry
+    to recompute); without, a damaged file raises ``ValueError`` naming the file."""
+    import warnings
+
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if default is _RAISE:
+            raise
+        return default
+    try:
+        return json.loads(text)
+    except ValueError as e:  # json.JSONDecodeError, UnicodeDecodeError
+        if default is _RAISE:
+            raise ValueError(f"{path}: not valid JSON ({e}); delete it or write it again") from None
+        warnings.warn(f"{path}: not valid JSON ({e}): ignoring it (it is recomputed)", stacklevel=2)
+        return default

@@ -167,6 +167,8 @@ def test_atomic_write_removes_leftovers_of_a_killed_write(tmp_path):
     os.utime(old_untagged, (0, 0))
     alive = tmp_path / f".metrics.json.{os.getppid()}.zzz.tmp"  # a live writer's file is left alone
     alive.write_text("in progress")
+    same_pid = tmp_path / f".metrics.json.{os.getpid()}.old.tmp"  # a killed process that had our pid
+    same_pid.write_text("partial")
     other = tmp_path / ".other.json.1.tmp"
     other.write_text("x")
     uio.write_json(target, {"a": 1})

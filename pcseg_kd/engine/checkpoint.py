@@ -34,7 +34,7 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
-from ..utils.io import atomic_write
+from ..utils.io import atomic_write, remove_stale_temporaries
 
 CHECKSUM_KEY = "_pcseg_kd_sha256"
 
@@ -82,6 +82,7 @@ def _keep_previous(path: Path) -> None:
     if not path.is_file():
         return
     prev = previous_path(path)
+    remove_stale_temporaries(prev)
     tmp = prev.with_name(f".{prev.name}.{os.getpid()}.tmp")
     try:
         if tmp.exists():

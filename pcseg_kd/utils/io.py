@@ -34,9 +34,10 @@ def current_umask() -> int:
     return mask
 
 
+_ACTIVE: set = set()  # temporary files this process is writing right now
+
+
 def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -64,7 +65,11 @@ def remove_stale_temporaries(path: os.PathLike | str) -> list:
         middle = name[len(prefix):-len(".tmp")]
         tag = middle.split(".", 1)[0]
         try:
-            if tag.isdigit():
+            if tag.isdigit() and int(tag) == os.getpid():
+                # ours but not being written: left by a killed process that had our pid (pids
+                # repeat across container restarts) or by an earlier failed write
+                stale = os.path.abspath(entry.path) not in _ACTIVE
+            elif tag.isdigit():
                 stale = not _pid_alive(int(tag))
             else:
                 stale = now - entry.stat().st_mtime > STALE_FOREIGN_TMP_S
@@ -88,6 +93,8 @@ def atomic_write(path: os.PathLike | str, write: Callable[[IO], None], binary: b
         path.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+        tmp = os.path.abspath(tmp)
+        _ACTIVE.add(tmp)
         try:
             os.fchmod(fd, 0o666 & ~current_umask())
         except (AttributeError, OSError):  # no fchmod (Windows) or a filesystem without modes
@@ -100,6 +107,7 @@ def atomic_write(path: os.PathLike | str, write: Callable[[IO], None], binary: b
             before_replace()
         os.replace(tmp, path)
     except BaseException as e:
+        _ACTIVE.discard(tmp)
         if tmp is not None and os.path.exists(tmp):
             try:
                 os.unlink(tmp)
@@ -108,6 +116,7 @@ def atomic_write(path: os.PathLike | str, write: Callable[[IO], None], binary: b
         if isinstance(e, OSError) and e.errno is not None and e.filename != str(path):
             raise OSError(e.errno, f"cannot write {path}: {e.strerror}", str(path)) from e
         raise
+    _ACTIVE.discard(tmp)
     return path
 
 

@@ -72,24 +72,20 @@ def voxelize(points: ArrayLike, voxel_size: Sequence[float], point_range: Sequen
     dims_xyz = torch.tensor(shape_zyx[::-1], dtype=torch.int64, device=dev)
     lo = torch.tensor(point_range[:3], dtype=torch.float32, device=dev)
     size = torch.tensor(voxel_size, dtype=torch.float32, device=dev)
-    # voxel indices in float64: in float32, (x - lo) / size rounds a few points per scan across
-    # a voxel face (11 of 119,850 in-range points of a real scan)
-    lo64 = torch.tensor(point_range[:3], dtype=torch.float64, device=dev)
-    hi64 = torch.tensor(point_range[3:6], dtype=torch.float64, device=dev)
-    size64 = torch.tensor(voxel_size, dtype=torch.float64, device=dev)
-    xyz64 = pts[:, :3].double()
+    hi = torch.tensor(point_range[3:6], dtype=torch.float32, device=dev)
+    # voxel indices in float64: in float32, (x - min) / size rounds a few points per scan across
+    # a voxel face (11 of 119,850 in-range points of a real scan were one voxel off)
+    lo64, size64 = lo.new_tensor(point_range[:3], dtype=torch.float64), size.new_tensor(voxel_size, dtype=torch.float64)
+    gridf = torch.floor((pts[:, :3].double() - lo64) / size64)
 
     if out_of_range == "clip":
+        grid = torch.minimum(gridf.clamp_min(0), (dims_xyz - 1).double()).long()  # clamped as floats: no overflow at 1e30
+        kept = torch.ones(n, dtype=torch.bool, device=dev)
         # the coordinates too, not only the index: a border voxel's features stay inside the
         # range instead of carrying a stray point's raw coordinates (e.g. 1e8 m) to the network
-        xyz64 = torch.minimum(torch.maximum(xyz64, lo64), hi64)
-        pts = torch.cat([xyz64.float(), pts[:, 3:]], dim=1)
-        grid = torch.floor((xyz64 - lo64) / size64).long()
-        grid = torch.minimum(grid.clamp_min(0), dims_xyz - 1)
-        kept = torch.ones(n, dtype=torch.bool, device=dev)
+        pts = torch.cat([torch.maximum(torch.minimum(pts[:, :3], hi), lo), pts[:, 3:]], dim=1)
     elif out_of_range == "drop":
-        gridf = torch.floor((xyz64 - lo64) / size64)
-        kept = ((gridf >= 0) & (gridf < dims_xyz)).all(dim=1)  # compared as floats: no int overflow at 1e30
+        kept = ((gridf >= 0) & (gridf < dims_xyz)).all(dim=1)  # compared as floats: no overflow at 1e30
         grid = torch.where(kept.unsqueeze(1), gridf, torch.zeros_like(gridf)).long()
     else:
         raise ValueError(f"out_of_range must be 'clip' or 'drop', got {out_of_range!r}")

@@ -137,6 +137,21 @@ def test_rng_state_is_weights_only_and_restores_bitwise(tmp_path):
     assert got == expect
 
 
+def test_checkpoint_of_an_older_version_with_numpy_rng_state_still_loads(tmp_path):
+    """Older checkpoints stored numpy's RNG state as an array: exactly numpy's array globals are
+    allowed for them; a numpy global beside a foreign one is still refused."""
+    old = {"rng": [{"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}],
+           "epoch": 1}
+    torch.save(old, tmp_path / "last.pt")
+    back = ckpt.load_checkpoint(tmp_path / "last.pt")
+    np.testing.assert_array_equal(back["rng"][0]["numpy"][1], old["rng"][0]["numpy"][1])
+    marker = tmp_path / "PWNED"
+    torch.save({**old, "x": _RunsCode(marker)}, tmp_path / "mixed.pt")
+    with pytest.raises(ckpt.CheckpointError, match="refused"):
+        ckpt.load_checkpoint(tmp_path / "mixed.pt")
+    assert not marker.exists()
+
+
 def test_rng_state_of_older_versions_still_restores():
     old = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     a = (random.random(), np.random.rand(), torch.rand(1).item())

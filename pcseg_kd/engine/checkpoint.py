@@ -112,7 +112,16 @@ def load_checkpoint(path: os.PathLike | str, map_location: Any = "cpu", mmap: bo
     if verify is None:
         verify = not mmap
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        try:
+            state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError:
+            numpy_globals = _numpy_array_globals(path)
+            if not numpy_globals:
+                raise
+            # a checkpoint of an older pcseg_kd keeps numpy RNG states as arrays: allow exactly
+            # what rebuilding a numpy array takes (no call of anything else), and nothing more
+            with torch.serialization.safe_globals(numpy_globals):
+                state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "weights only" in str(e).lower() or "weights_only" in str(e).lower():
             raise CheckpointError(
@@ -131,6 +140,33 @@ def load_checkpoint(path: os.PathLike | str, map_location: Any = "cpu", mmap: bo
                                       f"it was written with (sha256 {str(stored)[:12]}..., now {actual[:12]}...)"
                                       + _fallback_hint(path))
     return state
+
+
+_NUMPY_ARRAY_GLOBALS = ("numpy.dtype", "numpy.ndarray", "numpy._core.multiarray._reconstruct",
+                        "numpy.core.multiarray._reconstruct")
+
+
+def _numpy_array_globals(path: Path) -> list:
+    """The objects to allowlist when the only non-plain globals ``path`` refers to are those of
+    numpy arrays (older checkpoints' RNG states); else ``[]``."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip checkpoint
+        return []
+    if not names or not set(names) <= set(_NUMPY_ARRAY_GLOBALS):
+        return []
+    import importlib
+
+    out = []
+    for name in names:
+        module, _, attr = name.rpartition(".")
+        try:
+            out.append(getattr(importlib.import_module(module), attr))
+        except (ImportError, AttributeError):
+            return []
+    # a dtype is rebuilt through its class (numpy.dtypes.UInt32DType ...): the numeric ones
+    out += [type(np.dtype(t)) for t in ("bool", "u1", "u2", "u4", "u8", "i1", "i2", "i4", "i8", "f2", "f4", "f8")]
+    return out
 
 
 def _unreadable(path: Path, e: BaseException) -> CheckpointError:

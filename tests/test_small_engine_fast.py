@@ -18,6 +18,7 @@ DISTILLER_CFGS = [
     {"type": "none"},
     {"type": "none", "ce_weight": 0.5},
     {"type": "kd", "temperature": 0.7, "scale_by_t2": False},
+    {"type": "kd", "temperature": 0.7, "ignore_index": 255},   # the autograd-through-everything branch
     {"type": "kd_pssm", "temperature": 0.7, "scale_by_t2": False, "pssm": {"preset": "reference"}},
     {"type": "kd_pssm", "temperature": 0.7, "apply": "weight", "pssm": {"preset": "paper"}},
     {"type": "dkd", "alpha": 1.0, "beta": 1.0, "temperature": 0.7, "warmup_epochs": 5},

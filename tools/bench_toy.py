@@ -93,7 +93,7 @@ def lean_fit(layer: torch.nn.Linear, x, y, opt_cfg: OptimConfig, kd_cfg=None, t_
     return layer
 
 
-def bench_setting(path, overrides):
+def bench_setting(path, overrides, engine_loop=True):
     cfg = load_experiment(path, overrides)
     if cfg.get("threads"):
         torch.set_num_threads(int(cfg["threads"]))  # every engine runs with the config's threads
@@ -140,6 +140,8 @@ def bench_setting(path, overrides):
         out["lean"] = time.perf_counter() - t0
         out["diff"] = max(abs(a - b) for a, b in zip(acc_batched, acc_lean))
 
+    if not engine_loop:
+        return out
     t0 = time.perf_counter()
     acc_loop = []
     for i, s in enumerate(seeds):
@@ -158,6 +160,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--sweeps", action="store_true", help="also time the full Table 8 / Table 2 sweeps (batched)")
+    p.add_argument("--no-engine-loop", action="store_true",
+                   help="skip the engine's per-seed loop (fit_plain, the slowest of the three)")
     p.add_argument("overrides", nargs="*", help="overrides applied to every setting, e.g. seeds.num=20")
     args = p.parse_args()
     print(f"torch {torch.__version__}; threads per the configs (threads: 1 unless overridden); "
@@ -166,11 +170,11 @@ def main():
           "speed-up vs engine loop | max acc diff (pts) |")
     print("|---|---|---|---|---|---|---|---|")
     for name in args.settings:
-        r = bench_setting(SETTINGS[name], args.overrides)
+        r = bench_setting(SETTINGS[name], args.overrides, engine_loop=not args.no_engine_loop)
         lean = f"{r['lean']:.2f} | **{r['lean'] / r['batched']:.1f}x**" if "lean" in r else "n/a | n/a"
+        loop = f"{r['loop']:.2f} | {r['loop'] / r['batched']:.1f}x" if "loop" in r else "skipped | -"
         path = " (linear fast path)" if r["fast_path"] else ""
-        print(f"| {name}{path} | {r['seeds']} | {r['batched']:.2f} | {lean} | {r['loop']:.2f} | "
-              f"{r['loop'] / r['batched']:.1f}x | {r['diff']:.2f} |", flush=True)
+        print(f"| {name}{path} | {r['seeds']} | {r['batched']:.2f} | {lean} | {loop} | {r['diff']:.2f} |", flush=True)
     if args.sweeps:
         from pcseg_kd.engine.toy.sweep import run_sweep
         for name in ("gauss", "sklearn"):

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ...data.toy import ROLES, ToyTask
 from ...metrics.cmd import cmd
 from ...models.mlp import MLP, PlainMLP
-from ...distill.base import NoKD
+from ...distill.base import Distiller
 from ...registry import DISTILLERS, TASKS
 from .schema import OptimConfig, seed_list
 
@@ -133,7 +133,7 @@ def fit_linear_full_batch(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, se
 
     The same updates as ``fit`` (p ← p − lr·∂L/∂p, L the sum over seeds of each seed's loss),
     computed with fewer and cheaper ops: autograd only runs through the loss (∂L/∂z for the
-    logits z; for cross entropy alone, ∂L/∂z = (softmax(z) − onehot(y))/N directly), the
+    logits z; cross entropy's ∂L/∂z = (softmax(z) − onehot(y))/N is formed directly), the
     linear layer's gradients are formed directly (∂L/∂W = xᵀ·∂L/∂z,
     ∂L/∂b = Σ_rows ∂L/∂z), and every product is laid out with the rows as the long dimension
     (zᵀ = Wᵀ·xᵀ, (∂L/∂W)ᵀ = (∂L/∂z)ᵀ·x): the [S, N, D]·[S, D, 2] form of a two-class layer
@@ -151,25 +151,33 @@ def fit_linear_full_batch(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, se
         with torch.no_grad():
             t_logits, extras["teacher_feats"] = teacher(x_teacher)
     lr = cfg.lr
-    # cross entropy alone (teacher, no-KD baseline): ∂L/∂z = ce_weight · (softmax(z) − onehot(y)) / N
-    plain_ce = type(distiller) is NoKD and distiller.ignore_index is None
-    if plain_ce:
-        onehot = torch.nn.functional.one_hot(yb, w.shape[-1]).to(x.dtype)
+    # Distiller.forward is CE + kd_loss: with no ignored rows, CE's gradient is formed
+    # directly in the [S, C, N] layout, ce_weight · (softmax(z) − onehot(y)) / N (softmax over a
+    # last dim of 2 is ~25x slower on a CPU than over the long dim), and autograd only runs
+    # through kd_loss. A distiller with its own forward goes through autograd whole.
+    split = type(distiller).forward is Distiller.forward and distiller.ignore_index is None
+    with_kd = distiller.has_kd and teacher is not None
+    if split:
+        onehot_t = torch.nn.functional.one_hot(yb, w.shape[-1]).to(x.dtype).transpose(1, 2).contiguous()
         ce_scale = distiller.ce_weight / yb.shape[-1]
     for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False):
         with torch.no_grad():  # contiguous operands: bmm on transposed views takes a slow path
             zt = torch.baddbmm(b.transpose(1, 2), w.transpose(1, 2).contiguous(), xt)   # [S, C, N]
-        z = zt.transpose(1, 2).contiguous()
-        if plain_ce:
-            g = (torch.softmax(z, -1) - onehot).mul_(ce_scale)
+        if split:
+            gt = (torch.softmax(zt, 1) - onehot_t).mul_(ce_scale)
+            if with_kd:
+                z = zt.transpose(1, 2).contiguous().requires_grad_(True)
+                kd = distiller.kd_loss(z, t_logits, yb, epoch, student_feats=z, **extras)
+                (g,) = torch.autograd.grad(kd.sum(), z)
+                gt += g.transpose(1, 2)
         else:
-            z.requires_grad_(True)
+            z = zt.transpose(1, 2).contiguous().requires_grad_(True)
             terms = distiller(z, t_logits, yb, epoch=epoch, student_feats=z, **extras)
             (g,) = torch.autograd.grad(sum(v.sum() for v in terms.values()), z)
-        with torch.no_grad():
             gt = g.transpose(1, 2).contiguous()                      # [S, C, N]
+        with torch.no_grad():
             w.add_(torch.bmm(gt, x).transpose(1, 2), alpha=-lr)      # torch.optim.SGD's update
-            b.add_(g.sum(1, keepdim=True), alpha=-lr)
+            b.add_(gt.sum(2).unsqueeze(1), alpha=-lr)
     return model
 
 

@@ -100,3 +100,34 @@ def show_open3d(points: np.ndarray, train_ids: np.ndarray, colors_rgb: np.ndarra
     cloud = o3d.geometry.PointCloud(o3d.utility.Vector3dVector(points[:, :3].astype(np.float64)))
     cloud.colors = o3d.utility.Vector3dVector(class_colours(train_ids, colors_rgb))
     o3d.visualization.draw_geometries([cloud], window_name=title or "pcseg_kd")
+
+
+def plot_learning_curves(histories: Dict[str, list], out: "Path | str", title: str = "") -> Path:
+    """Validation mIoU against epoch for each stage (``{stage: metrics.json history}``): the
+    in-view points for every stage (the rows teacher and students share) and, dashed, a
+    student's own rows where they differ. Written as a PNG with matplotlib's Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    colours = {"teacher": "tab:green", "baseline": "tab:gray", "student": "tab:blue"}
+    for stage, history in histories.items():
+        rows = [h for h in history if "val" in h]
+        for key, style in (("in_view", "-"), ("all", "--")):
+            pts = [(h["epoch"], h["val"][key]["miou"]) for h in rows if key in h["val"]]
+            if not pts or (key == "all" and all(h["val"].get("all") == h["val"].get("in_view") for h in rows)):
+                continue
+            ax.plot(*zip(*pts), style, marker="o", ms=3, color=colours.get(stage), label=f"{stage} ({key.replace('_', ' ')})")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("val mIoU (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,5 +1,5 @@
-"""SemanticKITTI training engine on tiny synthetic data: the two stages end to end, the
-student loss (CE on every point, KD on the in-view points, sync-free), resume after a
+"""SemanticKITTI training engine on tiny synthetic data: the stages end to end, the
+student loss (segmentation loss on every point, KD on the in-view points, sync-free), resume after a
 kill (bitwise the same weights as an uninterrupted run), checkpoints that survive a
 failed write, the sharded sampler, clear errors, and torchrun with two CPU processes."""
 from __future__ import annotations
@@ -21,7 +21,9 @@ from pcseg_kd.config import ConfigError  # noqa: E402
 from pcseg_kd.engine import checkpoint as ckpt  # noqa: E402
 from pcseg_kd.engine.kitti import train as kitti  # noqa: E402
 from pcseg_kd.engine.distributed import DistEnv  # noqa: E402
+from pcseg_kd.engine.kitti.objective import SegLoss  # noqa: E402
 from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
+from pcseg_kd.losses.segmentation import lovasz_softmax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = str(ROOT / "configs/kitti/quickstart.yaml")
@@ -39,25 +41,40 @@ def overrides(root, **extra):
          "data.train.sequences=[00]", "data.val.sequences=[08]", "data.num_workers=0",
          "data.train.voxel_size=[0.2,0.2,0.2]", "data.val.voxel_size=[0.2,0.2,0.2]",
          f"student.model={POINT}", "teacher.optim.epochs=1", "student.optim.epochs=2",
-         "teacher.optim.max_steps_per_epoch=2", "student.optim.max_steps_per_epoch=2", "log_interval=1"]
+         "teacher.optim.max_steps_per_epoch=2", "student.optim.max_steps_per_epoch=2", "log_interval=1",
+         "stages=[teacher,student]", "eval_interval=1"]
     return o + [f"{k}={v}" for k, v in extra.items()]
 
 
-def test_two_stages_end_to_end_and_rerun_skips(data_root, tmp_path):
-    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+def test_three_stages_end_to_end_and_rerun_skips(data_root, tmp_path, capsys):
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher,baseline,student]"))
     env = DistEnv()
     res = kitti.run_kitti(cfg, tmp_path, env, progress=False)
-    assert set(res) == {"teacher", "student"}
+    assert set(res) == {"teacher", "baseline", "student"}
     assert 0 <= res["teacher"]["in_view"]["miou"] <= 100          # image/fusion teachers: in-view rows
-    assert {"all", "in_view"} <= set(res["student"])               # the student scores full scans too
-    for stage in ("teacher", "student"):
+    assert {"all", "in_view"} <= set(res["student"])               # the student scores its own rows too
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["protocol"] == "fov" and summary["distiller"] == "dkd_pssm"
+    for stage, keys in (("teacher", {"in_view"}), ("baseline", {"in_view", "all"}), ("student", {"in_view", "all"})):
+        assert set(summary[stage]) == keys
+        for k in keys:
+            assert summary[stage][k]["miou"] == pytest.approx(res[stage][k]["miou"])
+    # fov: the student's rows are the in-view points, the same rows the teacher is scored on
+    assert summary["student"]["all"]["points"] == summary["student"]["in_view"]["points"] \
+        == summary["teacher"]["in_view"]["points"]
+    printed = capsys.readouterr().out.splitlines()[-3:]
+    assert printed[0].startswith("teacher") and printed[1].startswith("baseline (no KD)")
+    assert printed[2].startswith("student (dkd_pssm)") and "vs baseline" in printed[2]
+    baseline_log = [json.loads(line) for line in (tmp_path / "baseline" / "log.jsonl").read_text().splitlines()]
+    assert all("loss_kd" not in r for r in baseline_log) and any("loss_seg" in r for r in baseline_log)
+    for stage in ("teacher", "baseline", "student"):
         d = tmp_path / stage
         assert (d / "final.pt").is_file() and (d / "last.pt").is_file()
         log = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
         assert any("val" in r for r in log) and all(r.get("epoch") for r in log)
         assert json.loads((d / "metrics.json").read_text())["final"]
     student_log = [json.loads(line) for line in (tmp_path / "student" / "log.jsonl").read_text().splitlines()]
-    assert all("loss_kd" in r for r in student_log if "loss_ce" in r)
+    assert all("loss_kd" in r for r in student_log if "loss_seg" in r)
     before = (tmp_path / "student" / "final.pt").stat().st_mtime_ns
     again = kitti.run_kitti(cfg, tmp_path, env, progress=False)   # finished stages are skipped
     assert (tmp_path / "student" / "final.pt").stat().st_mtime_ns == before
@@ -65,7 +82,7 @@ def test_two_stages_end_to_end_and_rerun_skips(data_root, tmp_path):
 
 
 def test_no_kd_baseline_needs_no_teacher(data_root, tmp_path):
-    cfg = load_kitti_experiment(str(ROOT / "configs/kitti/none.yaml"), overrides(data_root))
+    cfg = load_kitti_experiment(str(ROOT / "configs/kitti/none.yaml"), overrides(data_root, stages="[student]"))
     res = kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
     assert set(res) == {"student"} and not (tmp_path / "teacher").exists()
 
@@ -84,21 +101,25 @@ def test_student_loss_is_ce_on_all_points_plus_kd_on_in_view_rows_without_host_s
     s_logits = torch.randn(P, C, generator=g, requires_grad=True)
     t_logits = torch.randn(K, C, generator=g)
     t_logits[::2] = s_logits.detach()[idx[::2]] * 1.5 + 0.01  # rows where PSSM keeps a wrong teacher
-    dist = DKDPSSM(ce_weight=0.7, kd_weight=0.3, temperature=2.0, ignore_index=255,
+    dist = DKDPSSM(ce_weight=0.7, kd_weight=0.3, alpha=1.0, beta=8.0, temperature=2.0, ignore_index=255,
                    pssm={"space": "probs"})
+    w = torch.rand(C, generator=g) + 0.5
+    seg = SegLoss(ce=1.0, lovasz=0.5, class_weights=w, ignore_index=255)
     with forbid_host_sync():
-        losses = kitti.student_loss(dist, {"logits": s_logits}, {"logits": t_logits}, "points", "in_view", batch, 1)
+        losses = kitti.student_loss(dist, seg, {"logits": s_logits}, {"logits": t_logits}, "points", "in_view", batch, 1)
         sum(losses.values()).backward()
     valid = labels != 255
-    ce = torch.nn.functional.cross_entropy(s_logits.detach()[valid], labels[valid])
-    torch.testing.assert_close(losses["loss_ce"], 0.7 * ce)
+    ce = torch.nn.functional.cross_entropy(s_logits.detach()[valid], labels[valid], weight=w)
+    lov = lovasz_softmax(s_logits.detach()[valid], labels[valid])
+    torch.testing.assert_close(losses["loss_seg"], 0.7 * (ce + 0.5 * lov))
     y_iv = labels[idx]
     rows = pssm_dkd_loss(s_logits.detach()[idx], t_logits, y_iv, 1.0, 8.0, 2.0, "none", 255,
                          pssm_config("reference", space="probs"), backend="reference")
     torch.testing.assert_close(losses["loss_kd"], 0.3 * rows.sum() / (y_iv != 255).sum())
     # gradient of the KD term reaches only the in-view rows
     s2 = s_logits.detach().clone().requires_grad_()
-    kitti.student_loss(dist, {"logits": s2}, {"logits": t_logits}, "points", "in_view", batch, 1)["loss_kd"].backward()
+    kitti.student_loss(dist, seg, {"logits": s2}, {"logits": t_logits}, "points", "in_view", batch,
+                       1)["loss_kd"].backward()
     out_of_view = torch.ones(P, dtype=torch.bool)
     out_of_view[idx] = False
     assert (s2.grad[out_of_view] == 0).all() and s2.grad[idx].abs().sum() > 0
@@ -138,7 +159,7 @@ def test_killed_run_resumes_to_the_same_weights(data_root, tmp_path, monkeypatch
     kitti.run_kitti(cfg, tmp_path / "killed", DistEnv(), progress=False)
     resumed = ckpt.load_checkpoint(tmp_path / "killed" / "student" / "final.pt")["model"]
     steps = [json.loads(line)["global_step"] for line in
-             (tmp_path / "killed" / "student" / "log.jsonl").read_text().splitlines() if '"loss_ce"' in line]
+             (tmp_path / "killed" / "student" / "log.jsonl").read_text().splitlines() if '"loss_seg"' in line]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4]  # what the killed run logged past its checkpoint is dropped
     assert clean.keys() == resumed.keys()
     for k in clean:
@@ -195,20 +216,21 @@ def test_changed_settings_are_refused_not_mixed(data_root, tmp_path):
         kitti.run_kitti(other_teacher, tmp_path, DistEnv(), progress=False)
 
 
-def test_points_without_a_voxel_are_not_scored_and_images_are_optional(data_root, tmp_path):
-    """out_of_range: drop and load_image: false, student-only baseline: CE and validation
-    leave voxel-less points out; validation without images reports full scans only."""
-    o = overrides(data_root) + ["data.train.out_of_range=drop", "data.val.out_of_range=drop",
+def test_points_without_a_voxel_are_misses_and_images_are_optional(data_root, tmp_path):
+    """out_of_range: drop and load_image: false, student-only baseline (full protocol):
+    voxel-less points get no loss and are scored as misses of their class (as the official
+    tool scores the "unlabeled" written for them); without images only full scans are scored."""
+    o = overrides(data_root) + ["protocol=full", "data.train.out_of_range=drop", "data.val.out_of_range=drop",
                                 "data.train.load_image=false", "data.val.load_image=false",
                                 "data.train.point_range=[-10,-10,-3,10,10,1]", "data.val.point_range=[-10,-10,-3,10,10,1]"]
-    cfg = load_kitti_experiment(str(ROOT / "configs/kitti/none.yaml"), o)
+    cfg = load_kitti_experiment(str(ROOT / "configs/kitti/none.yaml"), o + ["stages=[student]"])
     res = kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)["student"]
     assert set(res) == {"all"}
     from pcseg_kd.registry import DATASETS
     val = DATASETS.build(cfg["data"]["val"])
-    scored = sum(int(((s["labels"] != 255) & (s["point2voxel"] >= 0)).sum()) for s in (val[i] for i in range(len(val))))
+    with_voxel = sum(int(((s["labels"] != 255) & (s["point2voxel"] >= 0)).sum()) for s in (val[i] for i in range(len(val))))
     everything = sum(int((val[i]["labels"] != 255).sum()) for i in range(len(val)))
-    assert res["all"]["points"] == scored < everything
+    assert with_voxel < everything == res["all"]["points"]
 
 
 def test_student_ce_ignores_points_without_a_voxel():
@@ -217,10 +239,10 @@ def test_student_ce_ignores_points_without_a_voxel():
     logits = torch.randn(50, 4, generator=g)
     labels = torch.randint(0, 4, (50,), generator=g)
     valid = torch.rand(50, generator=g) > 0.3
-    out = kitti.student_loss(NoKD(ignore_index=255), {"logits": logits, "point_valid": valid}, None,
-                             "points", "points", {"labels": labels}, 1)
-    want = torch.nn.functional.cross_entropy(logits[valid], labels[valid])
-    torch.testing.assert_close(out["loss_ce"], want)
+    out = kitti.student_loss(NoKD(ignore_index=255), SegLoss(ce=1.0, lovasz=1.0), {"logits": logits, "point_valid": valid},
+                             None, "points", "points", {"labels": labels}, 1)
+    want = torch.nn.functional.cross_entropy(logits[valid], labels[valid]) + lovasz_softmax(logits[valid], labels[valid])
+    torch.testing.assert_close(out["loss_seg"], want)
 
 
 def test_teacher_checkpoint_takes_a_final_pt_or_a_bare_state_dict(data_root, tmp_path):
@@ -333,7 +355,8 @@ def test_cli_generates_the_synthetic_default_and_trains(tmp_path):
     assert "generating a synthetic SemanticKITTI" in out.stdout
     assert (root / "sequences" / "00" / "velodyne").is_dir()
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
-    assert set(metrics) == {"teacher", "student"}
+    assert set(metrics) == {"protocol", "distiller", "teacher", "baseline", "student"}
+    assert "vs baseline" in out.stdout.splitlines()[-2]
     assert (tmp_path / "w" / "config.yaml").is_file()
 
 
@@ -347,8 +370,8 @@ def test_torchrun_two_cpu_processes(data_root, tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
-    assert set(metrics) == {"teacher", "student"}
-    assert out.stdout.count("val mIoU {") == 1  # only rank 0 reports
+    assert set(metrics) == {"protocol", "distiller", "teacher", "student"}
+    assert out.stdout.count("final validation") == 1  # only rank 0 reports
     # validation is sharded over the two ranks and summed: every labelled val point once
     from pcseg_kd.registry import DATASETS
     cfg = load_kitti_experiment(QUICK, overrides(data_root))
@@ -388,7 +411,7 @@ def test_prediction_files_score_like_the_evaluation(data_root, tmp_path):
     from pcseg_kd.metrics import SegmentationIoU
     from pcseg_kd.registry import DATASETS
 
-    cfg = load_kitti_experiment(QUICK, overrides(data_root))
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, protocol="full", stages="[teacher,student]"))
     kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
     res = test_checkpoint(cfg, tmp_path / "student" / "final.pt", "val", tmp_path / "preds", batch_size=2,
                           progress=False)
@@ -407,7 +430,14 @@ def test_prediction_files_score_like_the_evaluation(data_root, tmp_path):
     assert want["points"] == res["metrics"]["all"]["points"]
     assert want["miou"] == pytest.approx(res["metrics"]["all"]["miou"])
     with pytest.raises(ValueError, match="predicts in-view points only"):
-        test_checkpoint(cfg, tmp_path / "teacher" / "final.pt", "val", tmp_path / "tp", progress=False)
+        test_checkpoint(cfg, tmp_path / "teacher" / "final.pt", "val", tmp_path / "tp", progress=False, stage="teacher")
+    with pytest.raises(ValueError, match="holds a 'fusion_teacher' model, but --stage student is a 'spunet'"):
+        test_checkpoint(cfg, tmp_path / "teacher" / "final.pt", "val", progress=False)
+    with pytest.raises(ValueError, match="--batch-size must be a whole number >= 1"):
+        test_checkpoint(cfg, tmp_path / "student" / "final.pt", "val", progress=False, batch_size=0)
+    other = load_kitti_experiment(QUICK, overrides(data_root, protocol="full", **{"data.val.voxel_size": "[0.1,0.1,0.1]"}))
+    with pytest.raises(ValueError, match=r"trained with other input settings \(voxel_size: trained \[0.2, 0.2, 0.2\], now"):
+        test_checkpoint(other, tmp_path / "student" / "final.pt", "val", progress=False)
     torch.save(ckpt.load_checkpoint(tmp_path / "student" / "final.pt")["model"], tmp_path / "bare.pt")
     bare = test_checkpoint(cfg, tmp_path / "bare.pt", "val", progress=False)  # built from cfg["student"]["model"]
     assert bare["metrics"]["all"]["miou"] == pytest.approx(res["metrics"]["all"]["miou"])
@@ -448,7 +478,7 @@ def test_feature_distillers_get_the_in_view_features():
     t_out = {"logits": torch.randn(K, C, generator=g), "feats": torch.randn(K, 4, generator=g)}
     fit = FitNet(kd_weight=2.0, ignore_index=255)
     fit.build_modules(6, 4)
-    got = kitti.student_loss(fit, s_out, t_out, "points", "in_view", batch, 1)["loss_kd"]
+    got = kitti.student_loss(fit, SegLoss(), s_out, t_out, "points", "in_view", batch, 1)["loss_kd"]
     want = 2.0 * fitnet_loss(fit.regressor(s_out["feats"][idx].unsqueeze(0)).squeeze(0), t_out["feats"])
     torch.testing.assert_close(got, want)
 
@@ -457,5 +487,56 @@ def test_feature_distillers_get_the_in_view_features():
             assert not extras  # no feature gathers for logit distillers
             return super().kd_term(*a)
 
-    assert torch.isfinite(kitti.student_loss(Spy(ignore_index=255), s_out, t_out, "points", "in_view", batch,
+    assert torch.isfinite(kitti.student_loss(Spy(ignore_index=255), SegLoss(), s_out, t_out, "points", "in_view", batch,
                                              1)["loss_kd"])
+
+
+def test_killed_inside_an_intermediate_validation_redoes_it_on_resume(data_root, tmp_path, monkeypatch):
+    """Dies inside the student's epoch-1 validation (after that epoch's checkpoint): the
+    rerun validates epoch 1 first, so metrics.json and log.jsonl keep both epochs once each,
+    and training continues to bitwise the weights of a run that was never killed."""
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]"))
+    kitti.run_kitti(cfg, tmp_path / "clean", DistEnv(), progress=False)
+    (tmp_path / "killed" / "teacher").mkdir(parents=True)
+    for f in ("final.pt", "last.pt"):
+        (tmp_path / "killed" / "teacher" / f).write_bytes((tmp_path / "clean" / "teacher" / f).read_bytes())
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, threads=1))
+    kitti.run_kitti(cfg, tmp_path / "clean", DistEnv(), progress=False)
+    real = kitti.evaluate
+
+    def dies_first(*a, **k):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(kitti, "evaluate", dies_first)
+    with pytest.raises(KeyboardInterrupt):
+        kitti.run_kitti(cfg, tmp_path / "killed", DistEnv(), progress=False)
+    assert ckpt.load_checkpoint(tmp_path / "killed" / "student" / "last.pt")["pending_validation"] == 1
+    monkeypatch.setattr(kitti, "evaluate", real)
+    kitti.run_kitti(cfg, tmp_path / "killed", DistEnv(), progress=False)
+    history = json.loads((tmp_path / "killed" / "student" / "metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    logged = [json.loads(line)["epoch"] for line in (tmp_path / "killed" / "student" / "log.jsonl").read_text().splitlines()
+              if '"val"' in line]
+    assert logged == [1, 2]
+    clean = ckpt.load_checkpoint(tmp_path / "clean" / "student" / "final.pt")["model"]
+    resumed = ckpt.load_checkpoint(tmp_path / "killed" / "student" / "final.pt")["model"]
+    for k in clean:
+        torch.testing.assert_close(resumed[k], clean[k], rtol=0, atol=0, msg=k)
+
+
+def test_killed_between_final_pt_and_metrics_json_writes_them_on_rerun(data_root, tmp_path, monkeypatch):
+    cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]"))
+    real = kitti.write_stage_metrics
+
+    def dies(*a, **k):
+        raise KeyboardInterrupt("simulated kill")
+
+    monkeypatch.setattr(kitti, "write_stage_metrics", dies)
+    with pytest.raises(KeyboardInterrupt):
+        kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    assert (tmp_path / "teacher" / "final.pt").is_file() and not (tmp_path / "teacher" / "metrics.json").exists()
+    monkeypatch.setattr(kitti, "write_stage_metrics", real)
+    res = kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
+    saved = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
+    assert saved["final"]["in_view"]["miou"] == pytest.approx(res["teacher"]["in_view"]["miou"])
+    assert [h["epoch"] for h in saved["history"]] == [1]

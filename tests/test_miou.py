@@ -53,9 +53,26 @@ def test_absent_class_counts_as_zero_in_miou_and_is_skipped_in_miou_present():
     assert math.isnan(out["iou"]["2"])
 
 
-def test_out_of_range_ids_are_not_aliased():
-    conf = confusion_matrix(torch.tensor([0, 7, 1]), torch.tensor([0, 1, 9]), 3, ignore_index=None)
-    assert int(conf.sum()) == 1 and int(conf[0, 0]) == 1
+def test_out_of_range_labels_are_not_aliased_and_missing_predictions_are_misses():
+    conf = confusion_matrix(torch.tensor([0, 7, 1, -1]), torch.tensor([0, 1, 9, 2]), 3, ignore_index=None)
+    # label 9 is counted nowhere; predictions 7 and -1 are misses of classes 1 and 2
+    assert conf.shape == (3, 4) and int(conf.sum()) == 3
+    assert int(conf[0, 0]) == 1 and int(conf[1, 3]) == 1 and int(conf[2, 3]) == 1
+
+
+def test_a_miss_is_a_false_negative_only_as_the_official_tool_counts_a_predicted_unlabeled():
+    # semantic-kitti-api: conf[pred, gt] over learning ids 0..C with 0 ignored; a prediction
+    # of 0 ("unlabeled") adds to its row 0, which no included class reads: fn only
+    pred = torch.tensor([0, 1, -1, 1, 0, -1])
+    labels = torch.tensor([0, 1, 1, 0, 2, 2])
+    ours = iou_from_confusion(confusion_matrix(pred, labels, 3, ignore_index=None))
+    api = torch.zeros(4, 4, dtype=torch.float64)          # learning ids: ours + 1, 0 = unlabeled
+    for p_, g in zip((pred + 1).clamp_min(0).tolist(), (labels + 1).tolist()):
+        api[p_, g] += 1
+    api[:, 0] = 0
+    tp = api.diagonal()
+    fp, fn = api.sum(1) - tp, api.sum(0) - tp
+    torch.testing.assert_close(ours, (tp / (tp + fp + fn))[1:])
 
 
 def test_errors():

@@ -47,4 +47,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from pcseg_kd.utils.cli import run_main
+
+    sys.exit(run_main(main))  # expected failures: one 'error: ...' line, exit 1 (traceback with --debug)

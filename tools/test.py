@@ -28,7 +28,7 @@ def main(argv=None):
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
     p.add_argument("--work-dir", default=None)
-    p.add_argument("--stage", default="student", choices=["student", "teacher"])
+    p.add_argument("--stage", default="student", choices=["student", "baseline", "teacher"])
     p.add_argument("--checkpoint", default=None, help="default: WORK_DIR/<stage>/final.pt")
     p.add_argument("--split", default="val", choices=["val", "test", "train"])
     p.add_argument("--predictions", default=None, help="write .label prediction files under this folder")
@@ -64,4 +64,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from pcseg_kd.utils.cli import run_main
+
+    sys.exit(run_main(main))  # expected failures: one 'error: ...' line, exit 1 (traceback with --debug)

@@ -2,7 +2,10 @@
 
 Predictions are over the 19 train ids (so "unlabeled" is never predicted); points whose
 label is ``ignore_index`` are left out, which is the official "ground-truth 0 column
-ignored"; IoU_c = tp / (tp + fp + fn) and ``miou`` is the mean over *all* classes, a class
+ignored". A labelled point without a prediction (a prediction outside ``0..C-1``, e.g. -1
+for a point that fell in no voxel) is a miss of its true class: a false negative and no
+false positive, as the official tool counts a predicted "unlabeled" (raw id 0). The
+confusion matrix has a last column for those misses. IoU_c = tp / (tp + fp + fn) and ``miou`` is the mean over *all* classes, a class
 absent from both labels and predictions counting as 0 (the API's ``tp / (tp + fp + fn +
 1e-15)``); ``miou_present`` averages over the classes that occur only. The confusion
 matrix accumulates on the tensors' device with one ``scatter_add_`` per batch (``bincount``
@@ -18,24 +21,29 @@ from torch import Tensor
 
 
 def confusion_matrix(pred: Tensor, labels: Tensor, num_classes: int, ignore_index: Optional[int] = 255) -> Tensor:
-    """``[num_classes, num_classes]`` int64 counts, rows = ground truth, columns = prediction."""
+    """``[num_classes, num_classes + 1]`` int64 counts, rows = ground truth, columns =
+    prediction; the last column counts labelled points with no valid prediction (misses)."""
     if pred.shape != labels.shape:
         raise ValueError(f"confusion_matrix: predictions {tuple(pred.shape)} and labels {tuple(labels.shape)} differ")
     pred, labels = pred.reshape(-1).long(), labels.reshape(-1).long()
     keep = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
-    # out-of-range ids are counted nowhere rather than silently aliased into another cell
-    keep &= (labels >= 0) & (labels < num_classes) & (pred >= 0) & (pred < num_classes)
-    index = torch.where(keep, labels * num_classes + pred, num_classes * num_classes)
-    counts = torch.zeros(num_classes * num_classes + 1, dtype=torch.int64, device=index.device)
+    # labels outside 0..C-1 are counted nowhere rather than silently aliased into another cell
+    keep &= (labels >= 0) & (labels < num_classes)
+    cols = num_classes + 1
+    pred = torch.where((pred >= 0) & (pred < num_classes), pred, torch.full_like(pred, num_classes))
+    index = torch.where(keep, labels * cols + pred, num_classes * cols)
+    counts = torch.zeros(num_classes * cols + 1, dtype=torch.int64, device=index.device)
     counts.scatter_add_(0, index, torch.ones_like(index))
-    return counts[:-1].view(num_classes, num_classes)
+    return counts[:-1].view(num_classes, cols)
 
 
 def iou_from_confusion(conf: Tensor) -> Tensor:
-    """Per-class IoU (float64); NaN for a class absent from both labels and predictions."""
+    """Per-class IoU (float64) from a ``[C, C]`` or ``[C, C + 1]`` (misses column) matrix;
+    NaN for a class absent from both labels and predictions."""
     conf = conf.double()
-    tp = conf.diagonal()
-    denom = conf.sum(0) + conf.sum(1) - tp
+    c = conf.shape[0]
+    tp = conf[:, :c].diagonal()
+    denom = conf[:, :c].sum(0) + conf.sum(1) - tp  # predicted as c + labelled c - both
     return torch.where(denom > 0, tp / denom.clamp_min(1), torch.full_like(tp, float("nan")))
 
 
@@ -66,6 +74,6 @@ class SegmentationIoU:
         miou = float(torch.nan_to_num(iou, nan=0.0).mean()) * 100  # semantic-kitti-api: absent = 0
         miou_present = float(present.mean()) * 100 if present.numel() else float("nan")
         total = self.conf.sum()
-        acc = float(self.conf.diagonal().sum().double() / total.clamp_min(1)) * 100
+        acc = float(self.conf[:, : self.num_classes].diagonal().sum().double() / total.clamp_min(1)) * 100
         return {"miou": miou, "miou_present": miou_present, "accuracy": acc, "iou": per_class,
                 "points": int(total)}

@@ -32,17 +32,21 @@ class ImageAugResult:
 
 
 class ImageAugmentor:
-    """Random crop of fixed ``crop_hw`` (padded with zeros when the image is smaller),
-    horizontal flip, colour jitter (brightness, contrast, saturation) and normalisation.
+    """Resize by ``scale``, random crop of fixed ``crop_hw`` (padded with zeros when the
+    image is smaller), horizontal flip, colour jitter (brightness, contrast, saturation) and
+    normalisation.
 
-    ``crop_mode="bottom"`` takes the crop from the bottom rows (random column), where the
-    LiDAR points are; ``"random"`` picks the row too. ``train=False`` only normalises.
+    ``scale`` (default 1) resizes the whole image first, in training and evaluation alike
+    (area interpolation; pixel ``(v, u)`` goes to ``floor((v + 0.5) * s)``): a cheaper image
+    for a CPU teacher that still sees the whole view, as PMF does. ``crop_mode="bottom"``
+    takes the crop from the bottom rows (random column), where the LiDAR points are;
+    ``"random"`` picks the row too. ``train=False`` only resizes and normalises.
     """
 
     def __init__(self, crop_hw: Optional[Sequence[int]] = None, crop_mode: str = "random",
                  flip_prob: float = 0.5, brightness: float = 0.0, contrast: float = 0.0,
                  saturation: float = 0.0, mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, train: bool = True):
+                 std: Sequence[float] = IMAGENET_STD, train: bool = True, scale: float = 1.0):
         if crop_mode not in ("random", "bottom"):
             raise ValueError(f"crop_mode must be 'random' or 'bottom', got {crop_mode!r}")
         self.crop_hw = tuple(int(c) for c in crop_hw) if crop_hw else None
@@ -52,10 +56,26 @@ class ImageAugmentor:
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
         self.train = train
+        if not (isinstance(scale, (int, float)) and 0 < scale <= 4):
+            raise ValueError(f"image_scale must be a number in (0, 4], got {scale!r}")
+        self.scale = float(scale)
+
+    def resize(self, image: np.ndarray, pixel_vu: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """The image and the in-view pixels at ``scale`` (identity at 1)."""
+        if self.scale == 1.0:
+            return image, pixel_vu
+        import cv2
+
+        h, w = image.shape[:2]
+        nh, nw = max(1, round(h * self.scale)), max(1, round(w * self.scale))
+        image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR)
+        vu = np.floor((pixel_vu + 0.5) * np.array([nh / h, nw / w])).astype(np.int64)
+        return image, np.minimum(vu, np.array([nh - 1, nw - 1]))
 
     # -- geometry --------------------------------------------------------------------------
     def geometric(self, image: np.ndarray, pixel_vu: np.ndarray, rng: np.random.Generator
                   ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]:
+        image, pixel_vu = self.resize(image, pixel_vu)
         h, w = image.shape[:2]
         params: Dict[str, float] = {"crop_top": 0, "crop_left": 0, "flip": 0}
         vu = pixel_vu.astype(np.int64, copy=True)

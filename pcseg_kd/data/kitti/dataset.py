@@ -40,7 +40,12 @@ class SemanticKITTIDataset(Dataset):
         load_labels: default: every split but ``test`` (which has no labels).
         load_image: read image_2 and calib.txt and compute the pixel correspondences.
         augment: default: ``split == "train"``.
-        image_crop_hw: fixed (H, W) training crop; ``image_crop_mode`` ``bottom``/``random``.
+        fov_only: keep only the points in the camera's field of view (the whole image, before
+            any crop), for models, labels and scores alike: the authors' ``fov`` protocol
+            (their PMF-based student sees the in-view points only). Needs ``load_image``.
+        image_scale: resize the image by this factor first (train and eval; pixels follow).
+        image_crop_hw: fixed (H, W) training crop after the resize; ``null`` keeps the whole
+            image; ``image_crop_mode`` ``bottom``/``random``.
         color_jitter: (brightness, contrast, saturation) strengths.
         voxel_size, point_range: the voxel grid (x, y, z) and [xmin, ymin, zmin, xmax, ymax, zmax].
         out_of_range: ``clip`` keeps every point in a border voxel; ``drop`` drops it.
@@ -54,8 +59,9 @@ class SemanticKITTIDataset(Dataset):
                  split_sequences: Optional[Dict[str, Any]] = None, label_map_file: Optional[str] = None,
                  ignore_index: int = DEFAULT_IGNORE_INDEX, unknown_labels: str = "error",
                  load_labels: Optional[bool] = None, load_image: bool = True, camera: str = "P2",
-                 require_in_view: bool = True, augment: Optional[bool] = None,
-                 image_crop_hw: Optional[List[int]] = None, image_crop_mode: str = "bottom",
+                 require_in_view: bool = True, augment: Optional[bool] = None, fov_only: bool = False,
+                 image_scale: float = 1.0, image_crop_hw: Optional[List[int]] = (320, 480),
+                 image_crop_mode: str = "bottom",
                  image_flip_prob: float = 0.5, color_jitter: Optional[List[float]] = None,
                  image_mean: Optional[List[float]] = None, image_std: Optional[List[float]] = None,
                  rotate_z: float = float(np.pi), flip_x_prob: float = 0.5, flip_y_prob: float = 0.5,
@@ -82,11 +88,14 @@ class SemanticKITTIDataset(Dataset):
         self.load_image = load_image
         self.camera = camera
         self.require_in_view = require_in_view
+        if fov_only and not load_image:
+            raise ValueError("fov_only needs load_image: the field of view is where points project into the image")
+        self.fov_only = bool(fov_only)
         train = (split == "train") if augment is None else augment
         self.augment = train
         jitter = list(color_jitter) if color_jitter is not None else [0.4, 0.4, 0.4]
         self.image_aug = ImageAugmentor(
-            crop_hw=image_crop_hw if image_crop_hw is not None else [320, 480], crop_mode=image_crop_mode,
+            crop_hw=image_crop_hw, crop_mode=image_crop_mode, scale=image_scale,
             flip_prob=image_flip_prob, brightness=jitter[0], contrast=jitter[1], saturation=jitter[2],
             mean=image_mean or IMAGENET_MEAN, std=image_std or IMAGENET_STD, train=train)
         self.point_aug = PointAugmentor(rotate_z=rotate_z, flip_x_prob=flip_x_prob, flip_y_prob=flip_y_prob,
@@ -142,6 +151,7 @@ class SemanticKITTIDataset(Dataset):
         else:
             labels = np.full(n, self.ignore_index, dtype=np.int64)
         sample: Dict[str, Any] = {"frame_id": frame.frame_id, "has_labels": self.load_labels}
+        point_index = np.arange(n, dtype=np.int64)  # row -> index in the .bin (and .label) file
 
         if self.load_image:
             proj_matrix = self.lidar_to_image(frame)
@@ -153,7 +163,11 @@ class SemanticKITTIDataset(Dataset):
             if in_view.size == 0 and self.require_in_view:
                 raise KittiDataError(frame.scan, f"no point in the camera's view ({frame.image.name}, "
                                                  f"{image.shape[1]}x{image.shape[0]}, calib {frame.calib})")
-            aug = self.image_aug(image, proj.pixel_indices(), rng)
+            pixel_vu = proj.pixel_indices()
+            if self.fov_only:  # the scan becomes its in-view points, in file order
+                scan, labels, point_index = scan[in_view], labels[in_view], in_view
+                in_view = np.arange(len(in_view))
+            aug = self.image_aug(image, pixel_vu, rng)
             sample["image"] = torch.from_numpy(aug.image)
             sample["image_hw"] = (min(image.shape[0], aug.image.shape[1]), min(image.shape[1], aug.image.shape[2]))
             sample["img_point_idx"] = torch.from_numpy(in_view[aug.keep])
@@ -165,8 +179,26 @@ class SemanticKITTIDataset(Dataset):
         points = np.concatenate([xyz, scan[:, 3:4]], axis=1).astype(np.float32, copy=False)
         points_t = torch.from_numpy(points)
         vox = voxelize(points_t, self.voxel_size, self.point_range, out_of_range=self.out_of_range)
-        sample.update(points=points_t, labels=torch.from_numpy(labels), voxel_features=vox.features,
+        sample.update(points=points_t, labels=torch.from_numpy(labels), point_index=torch.from_numpy(point_index),
+                      num_scan_points=n, voxel_features=vox.features,
                       voxel_coords=vox.coords, voxel_num_points=vox.num_points,
                       point2voxel=vox.point2voxel, spatial_shape=vox.spatial_shape)
         return sample
 
+    def label_counts(self, progress: bool = False) -> np.ndarray:
+        """``[num_classes]`` int64 labelled points per class over every frame, on the rows the
+        models train on (the in-view points with ``fov_only``); no augmentation, no voxels."""
+        from tqdm import tqdm
+
+        counts = np.zeros(self.num_classes, dtype=np.int64)
+        for frame in tqdm(self.frames, desc="class counts", disable=not progress):
+            n = len(read_scan(frame.scan))
+            sem, _ = read_label(frame.label, n)
+            labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
+            if self.fov_only:
+                scan = read_scan(frame.scan)
+                proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
+                labels = labels[proj.in_view]
+            labels = labels[labels != self.ignore_index]
+            counts += np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        return counts

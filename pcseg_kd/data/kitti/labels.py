@@ -68,6 +68,21 @@ class LabelMap:
         self.train_colors_rgb = np.array([cfg["color_map"][self.learning_map_inv[lid]][::-1] for lid in kept],
                                          dtype=np.uint8)
         self.raw_colors_bgr: Dict[int, Tuple[int, int, int]] = {int(k): tuple(v) for k, v in cfg["color_map"].items()}
+        self.content: Optional[Dict[int, float]] = ({int(k): float(v) for k, v in cfg["content"].items()}
+                                                    if cfg.get("content") else None)
+
+    def train_frequencies(self) -> np.ndarray:
+        """``[19]`` share of the training points per train id, from the ``content`` section
+        (raw ids summed through ``learning_map``; ignored ids dropped), for class weights."""
+        if not self.content:
+            raise KittiDataError(self.path, "no 'content' section (class frequencies): use "
+                                            "class_weights: frequency to count them on the training labels")
+        freq = np.zeros(self.num_classes, dtype=np.float64)
+        for raw, share in self.content.items():
+            train = self._raw_to_train[raw] if 0 <= raw < len(self._raw_to_train) else UNKNOWN
+            if 0 <= train < self.num_classes:
+                freq[train] += share
+        return freq
 
     @property
     def known_raw_ids(self) -> np.ndarray:

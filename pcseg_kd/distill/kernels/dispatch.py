@@ -166,7 +166,7 @@ def _loss_scale(kind: str, temperature: float, scale_by_t2: bool) -> float:
 
 
 def _params(kind: str, alpha: float, beta: float, temperature: float, ignore_index: Optional[int],
-            pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False) -> "FusedParams":
+            pssm, kd_apply: str, scale_by_t2: bool, omega_only: bool = False):
     mode = _tk().MODE_OMEGA if omega_only else (_tk().MODE_DKD if kind == "dkd" else _tk().MODE_KD)
     loss_scale = _loss_scale(kind, temperature, scale_by_t2)
     kw = {}

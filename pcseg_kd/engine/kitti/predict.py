@@ -3,8 +3,11 @@
 Predictions follow the benchmark's layout, ``OUT/sequences/SS/predictions/NNNNNN.label``:
 one uint32 per point of the original scan, in the scan's order, the raw label id (train
 id mapped back through ``learning_map_inv``), instance bits 0, so that semantic-kitti-api's
-``evaluate_semantics.py`` and the test-server submission read them as they are. Points
-without a voxel (only with ``out_of_range: drop``) are written as raw 0, "unlabeled".
+``evaluate_semantics.py`` and the test-server submission read them as they are. Points the
+model does not predict are written as raw 0, "unlabeled", which the official tool counts
+as a miss of their class: points without a voxel (only with ``out_of_range: drop``; the
+reported mIoU counts them the same way) and, with the ``fov`` protocol, the points outside
+the camera's view (score those files on the in-view points to get the reported mIoU).
 """
 from __future__ import annotations
 
@@ -39,15 +42,44 @@ def split_dataset_cfg(cfg: Dict[str, Any], split: str) -> Dict[str, Any]:
     return base
 
 
-def load_model(checkpoint: Path, device: torch.device, model_cfg: Optional[Dict[str, Any]] = None):
-    """A final.pt (which names its model) or a bare state_dict of ``model_cfg``'s model."""
+# dataset settings a model's scores depend on: scoring under others silently changes the input
+INPUT_KEYS = ("voxel_size", "point_range", "out_of_range", "fov_only", "image_scale", "camera")
+
+
+def load_model(checkpoint: Path, device: torch.device, model_cfg: Optional[Dict[str, Any]] = None,
+               stage: str = "student", data_cfg: Optional[Dict[str, Any]] = None):
+    """A final.pt (which names its model) or a bare state_dict of ``model_cfg``'s model.
+
+    A final.pt must hold the ``stage``'s kind of model (``model_cfg``'s type) and, when it
+    stores its training config, have been trained on the input settings of ``data_cfg``
+    (:data:`INPUT_KEYS`): anything else is an error naming the file and what differs."""
+    from .train import without_pretrained
+
     state = load_checkpoint(checkpoint)
     weights = state.get("model", state)
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise ValueError(f"{checkpoint}: neither a pcseg_kd final.pt nor a state_dict")
-    model = MODELS.build(state.get("model_cfg") or model_cfg)
+    stored = state.get("model_cfg")
+    if stored and model_cfg and stored.get("type") != model_cfg.get("type"):
+        raise ValueError(f"{checkpoint} holds a {stored.get('type')!r} model, but --stage {stage} is a "
+                         f"{model_cfg.get('type')!r} in this config: pass the matching --stage")
+    trained = (state.get("config") or {}).get("data", {}).get("train")
+    if trained and data_cfg:
+        from ...data.kitti.dataset import DEFAULT_POINT_RANGE, DEFAULT_VOXEL_SIZE
+        defaults = {"voxel_size": DEFAULT_VOXEL_SIZE, "point_range": DEFAULT_POINT_RANGE, "out_of_range": "clip",
+                    "fov_only": False, "image_scale": 1.0, "camera": "P2"}
+        diff = [f"{k}: trained {trained.get(k, defaults[k])}, now {data_cfg.get(k, defaults[k])}" for k in INPUT_KEYS
+                if list(_as_list(trained.get(k, defaults[k]))) != list(_as_list(data_cfg.get(k, defaults[k])))]
+        if diff:
+            raise ValueError(f"{checkpoint} was trained with other input settings ({'; '.join(diff)}): score it "
+                             "with the config it was trained with")
+    model = MODELS.build(without_pretrained(stored or model_cfg))
     load_weights(model, weights, checkpoint)
     return model.to(device).eval()
+
+
+def _as_list(v):
+    return v if isinstance(v, (list, tuple)) else [v]
 
 
 @torch.no_grad()
@@ -66,12 +98,13 @@ def write_predictions(model, loader, label_map, out_dir: Path, progress: bool = 
         pred = out["logits"].argmax(-1)
         pred = torch.where(out["point_valid"], pred, torch.full_like(pred, -1)).cpu().numpy()
         offsets = batch["offsets"].tolist()
+        point_index = batch["point_index"].numpy()
         for b, frame_id in enumerate(batch["frame_ids"]):
             seq, frame = frame_id.split("/")
             ids = pred[offsets[b]:offsets[b + 1]]
-            raw = np.zeros(len(ids), dtype=np.uint32)
+            raw = np.zeros(batch["num_scan_points"][b], dtype=np.uint32)  # every point of the file
             ok = ids >= 0
-            raw[ok] = label_map.to_raw(ids[ok])
+            raw[point_index[offsets[b]:offsets[b + 1]][ok]] = label_map.to_raw(ids[ok])
             path = out_dir / "sequences" / seq / "predictions" / f"{frame}.label"
             path.parent.mkdir(parents=True, exist_ok=True)
             raw.tofile(path)
@@ -84,14 +117,17 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str = "val",
                     device: Optional[torch.device] = None, stage: str = "student") -> Dict[str, Any]:
     """mIoU of ``checkpoint`` on ``split`` (unless it has no labels) and, with ``predictions``,
     the prediction files. ``stage``: whose model config a bare state_dict is. Single process."""
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size}")
     env = DistEnv(device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_model(checkpoint, env.device, cfg[stage]["model"])
+    ds_cfg = split_dataset_cfg(cfg, split)
+    model = load_model(checkpoint, env.device, cfg["teacher" if stage == "teacher" else "student"]["model"],
+                       stage, ds_cfg)
     if predictions is not None and rows_of(model) != "points":
         raise ValueError(f"{checkpoint}: {type(model).__name__} predicts in-view points only; prediction "
                          "files need a per-point model (the student)")
-    ds_cfg = split_dataset_cfg(cfg, split)
-    if split == "test" and rows_of(model) == "points":
-        ds_cfg["load_image"] = False  # a LiDAR-only model needs no image_2 for 11-21
+    if split == "test" and rows_of(model) == "points" and not ds_cfg.get("fov_only"):
+        ds_cfg["load_image"] = False  # a LiDAR-only model on full scans needs no image_2 for 11-21
     ds = DATASETS.build(ds_cfg)
     sampler = ShardedBatchSampler(len(ds), batch_size, False, cfg["seed"], env, drop_last=False)
     result: Dict[str, Any] = {"checkpoint": str(checkpoint), "split": split, "scans": len(ds)}

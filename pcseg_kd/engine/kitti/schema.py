@@ -1,9 +1,12 @@
 """Config schema of the SemanticKITTI experiments (``configs/kitti_*.yaml``, ``configs/kitti/``).
 
-An experiment has up to two stages, run in order and each resumable on its own:
-``teacher`` (trains the image or fusion teacher with cross entropy on its heads) and
-``student`` (trains the sparse student with cross entropy on every point plus the
-distiller's KD term on the in-view points, against the frozen teacher).
+An experiment has up to three stages, run in order and each resumable on its own:
+``teacher`` (trains the image or fusion teacher with the segmentation loss on its heads),
+``baseline`` (the student's model and settings without KD: the no-KD row every claim is
+measured against) and ``student`` (the segmentation loss on the student's rows plus the
+distiller's KD term on the in-view points, against the frozen teacher). ``protocol``
+says which points the student sees: ``fov`` (the authors': in-view points only) or
+``full`` (2DPASS: the whole scan, KD on the in-view points). See docs/training_kitti.md.
 """
 from __future__ import annotations
 
@@ -13,11 +16,13 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from omegaconf import OmegaConf
 
-from ...config import load_config_with_provenance, registry_field
+from ...config import ConfigError, load_config_with_provenance, registry_field
 from ...registry import DATASETS, DISTILLERS, MODELS
 from ..runner import import_all, run_checks
 
-STAGES = ("teacher", "student")
+STAGES = ("teacher", "baseline", "student")
+PROTOCOLS = ("fov", "full")
+CLASS_WEIGHT_SOURCES = ("content", "frequency")
 
 
 @dataclass
@@ -49,10 +54,31 @@ class KittiOptimConfig:
 
 
 @dataclass
+class SegLossConfig:
+    """``ce · CE + lovasz · Lovász-softmax`` (2DPASS: CE with class weights + Lovász, both 1)."""
+    ce: float = 1.0
+    lovasz: float = 1.0
+    # null: unweighted; "content": from the label map's content section (the official training
+    # frequencies); "frequency": counted once on the training labels; or a list of 19 weights
+    class_weights: Optional[Any] = None
+
+    def __post_init__(self):
+        if not (self.ce >= 0 and self.lovasz >= 0 and self.ce + self.lovasz > 0):
+            raise ValueError(f"need ce >= 0, lovasz >= 0, not both 0; got ce={self.ce}, lovasz={self.lovasz}")
+        cw = self.class_weights
+        if cw is not None and cw not in CLASS_WEIGHT_SOURCES:
+            if not isinstance(cw, (list, tuple)) or not all(isinstance(v, (int, float)) and v >= 0 for v in cw) \
+                    or not any(cw):
+                raise ValueError(f"class_weights must be null, {' or '.join(map(repr, CLASS_WEIGHT_SOURCES))}, "
+                                 f"or a list of non-negative numbers; got {cw!r}")
+
+
+@dataclass
 class StageConfig:
     model: Dict[str, Any] = registry_field(MODELS)
     optim: KittiOptimConfig = field(default_factory=KittiOptimConfig)
-    loss_weights: Dict[str, float] = field(default_factory=dict)  # teacher: head name -> CE weight
+    loss: SegLossConfig = field(default_factory=SegLossConfig)
+    loss_weights: Dict[str, float] = field(default_factory=dict)  # teacher: head name -> loss weight
 
 
 @dataclass
@@ -72,9 +98,10 @@ class KittiExperimentConfig:
     data: KittiDataConfig = field(default_factory=KittiDataConfig)
     teacher: StageConfig = field(default_factory=StageConfig)
     teacher_checkpoint: Optional[str] = None   # use these teacher weights instead of training the teacher
-    student: StageConfig = field(default_factory=StageConfig)
+    student: StageConfig = field(default_factory=StageConfig)   # the baseline stage uses it too
+    protocol: str = "full"          # "fov": the student sees in-view points only (authors); "full": 2DPASS
     distiller: Dict[str, Any] = registry_field(DISTILLERS)
-    stages: List[str] = field(default_factory=lambda: list(STAGES))
+    stages: List[str] = field(default_factory=lambda: ["teacher", "student"])
     eval_interval: int = 1          # epochs between validations (the last epoch is always validated)
     log_interval: int = 20          # steps between logged losses (the only host syncs of a step)
     checkpoint_interval: int = 0    # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
@@ -93,6 +120,11 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     for split in ("train", "val"):  # the experiment's seed drives augmentation too, unless a dataset sets its own
         if out["data"].get(split) is not None:
             out["data"][split].setdefault("seed", out["seed"])
+            if out["protocol"] in PROTOCOLS:  # the protocol decides which points the datasets keep
+                if out["data"][split].get("fov_only", out["protocol"] == "fov") != (out["protocol"] == "fov"):
+                    raise ConfigError(f"{path}: data.{split}.fov_only contradicts protocol: {out['protocol']} "
+                                      "(leave fov_only unset; the protocol sets it)")
+                out["data"][split]["fov_only"] = out["protocol"] == "fov"
     def model(section):
         # built on the meta device: the constructor's checks run, no weights are allocated
         def build():
@@ -102,15 +134,22 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
 
     checks = [("student.model", model(out["student"]["model"])),
               ("student.optim", lambda: KittiOptimConfig(**out["student"]["optim"])),
+              ("student.loss", lambda: SegLossConfig(**out["student"]["loss"])),
               ("distiller", lambda: DISTILLERS.build(out["distiller"]))]
     if "teacher" in out["stages"] and not out.get("teacher_checkpoint"):
         checks += [("teacher.model", model(out["teacher"]["model"])),
-                   ("teacher.optim", lambda: KittiOptimConfig(**out["teacher"]["optim"]))]
+                   ("teacher.optim", lambda: KittiOptimConfig(**out["teacher"]["optim"])),
+                   ("teacher.loss", lambda: SegLossConfig(**out["teacher"]["loss"]))]
 
     def stages():
         bad = [s for s in out["stages"] if s not in STAGES]
-        if bad or not out["stages"]:
-            raise ValueError(f"must be a non-empty list of {list(STAGES)}, got {out['stages']}")
+        if bad or not out["stages"] or len(set(out["stages"])) != len(out["stages"]):
+            raise ValueError(f"must be a non-empty list of distinct stages from {list(STAGES)}, got {out['stages']}")
+        out["stages"] = [s for s in STAGES if s in out["stages"]]  # always in data-flow order
+
+    def protocol():
+        if out["protocol"] not in PROTOCOLS:
+            raise ValueError(f"must be one of {list(PROTOCOLS)}, got {out['protocol']!r}")
 
     def at_least(key, low):
         def check():
@@ -119,11 +158,11 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
         return check
 
     def loss_weights():
-        from .train import TEACHER_HEADS
+        from .objective import TEACHER_HEADS
         unknown = sorted(set(out["teacher"].get("loss_weights") or {}) - set(TEACHER_HEADS))
         if unknown:
             raise ValueError(f"unknown head(s) {unknown}; the teachers' heads are {list(TEACHER_HEADS)}")
-    checks += [("stages", stages), ("eval_interval", at_least("eval_interval", 1)),
+    checks += [("stages", stages), ("protocol", protocol), ("eval_interval", at_least("eval_interval", 1)),
                ("log_interval", at_least("log_interval", 1)),
                ("checkpoint_interval", at_least("checkpoint_interval", 0)),
                ("teacher.loss_weights", loss_weights)]

@@ -9,12 +9,12 @@ is written as Markdown with the paper's numbers beside ours.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ...config import atomic_write_text, save_config
+from ...utils.io import write_json
 from ..distributed import DistEnv
 
 
@@ -27,7 +27,7 @@ class KittiTableConfig:
     teachers: Dict[str, List[str]] = field(default_factory=dict)  # row label -> overrides
     methods: Dict[str, List[str]] = field(default_factory=dict)   # column label -> overrides
     paper: Dict[str, Dict[str, float]] = field(default_factory=dict)  # row -> {column or "teacher": mIoU}
-    metric: str = "all"                                           # student score: "all" or "in_view"
+    metric: str = "in_view"                                       # student score: "in_view" (the teacher's rows) or "all"
     seeds: List[int] = field(default_factory=lambda: [0])         # every cell (teachers too) once per seed
 
 
@@ -93,9 +93,7 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
         if env.is_main:  # each cell is an ordinary tools/train.py work folder
             run["dir"].mkdir(parents=True, exist_ok=True)
             save_config(run["cfg"], run["dir"] / "config.yaml")
-        out = run_kitti(run["cfg"], run["dir"], env, progress)
-        if env.is_main:
-            atomic_write_text(run["dir"] / "metrics.json", json.dumps(out, indent=2) + "\n")
+        out = run_kitti(run["cfg"], run["dir"], env, progress)  # writes the cell's metrics.json
         stage = "teacher" if run["col"] == "teacher" else "student"
         metrics = out.get(stage, {})
         key = "in_view" if stage == "teacher" else table["metric"]
@@ -105,7 +103,7 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
     results = {row: {col: summarise(vals) for col, vals in cols.items()} for row, cols in per_seed.items()}
     baseline = next((r["col"] for r in runs if r["row"] == "*"), None)  # the first no-KD column
     if env.is_main:
-        atomic_write_text(work_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        write_json(work_dir / "results.json", results)
         atomic_write_text(work_dir / "results.md", markdown(table, results, baseline))
     return results
 

@@ -1,16 +1,14 @@
-"""SemanticKITTI training: the teacher stage, the distillation stage, and validation mIoU.
+"""SemanticKITTI training: the teacher, baseline and distillation stages, run in order.
 
 One code path for one process and for ``torchrun`` (DDP, one process per device). Each
 stage writes ``WORK/<stage>/``: ``last.pt`` (atomic, every epoch and every
 ``checkpoint_interval`` steps; a killed run resumes from it, mid-epoch included),
 ``final.pt`` (the trained model, what the student stage loads as its teacher),
 ``log.jsonl`` (losses at ``log_interval``, validations) and ``metrics.json``. A finished
-stage is skipped when the experiment is run again.
+stage is skipped when the experiment is run again. ``WORK/metrics.json`` gathers every
+stage's final validation (teacher, baseline, student) on the same rows.
 
-Rows: a model's ``logits`` cover either every point (``rows = "points"``: the student) or
-the in-view points in ``img_point_idx`` order (``rows = "in_view"``: image and fusion
-teachers). The student's loss is ``ce_weight · CE`` over every labelled point plus the
-distiller's KD term over the in-view points, where the teacher speaks.
+What each stage minimises is in :mod:`.objective`; validation in :mod:`.evaluate`.
 """
 from __future__ import annotations
 
@@ -23,81 +21,18 @@ from typing import Any, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 
-from ...config import atomic_write_text
-from ...losses.segmentation import ce_rows
-from ...losses.reduce import row_mean
-from ...metrics.miou import SegmentationIoU
+from ...utils.io import write_json
 from ...registry import DATASETS, DISTILLERS, MODELS
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from ..distributed import DistEnv, all_reduce_sum, barrier, broadcast_module
 from ..loggers import StageLogger
 from .data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
-
-HEAD_ROWS = {"point_logits": "points", "image_logits": "in_view"}  # other heads of a teacher's output
-TEACHER_HEADS = ("logits",) + tuple(HEAD_ROWS)
-
+from .evaluate import evaluate
+from .objective import SegLoss, rows_of, student_loss, teacher_loss
 
 class ResumeMismatch(ValueError):
     """A stage's checkpoint was written under a different configuration."""
-
-
-# ----------------------------------------------------------------------------- losses
-def rows_of(model: nn.Module) -> str:
-    rows = getattr(model, "rows", None)
-    if rows not in ("points", "in_view"):
-        raise ValueError(f"model {type(model).__name__} does not say which rows its logits cover "
-                         "(class attribute rows = 'points' or 'in_view')")
-    return rows
-
-
-def in_view(x: Tensor, rows: str, batch: Dict[str, Any]) -> Tensor:
-    """The in-view rows of a per-point (``rows = "points"``) or in-view output."""
-    return x[batch["img_point_idx"]] if rows == "points" else x
-
-
-def labels_for(rows: str, batch: Dict[str, Any], point_valid: Optional[Tensor] = None,
-               ignore_index: int = 255) -> Tensor:
-    """Labels of a model's rows; points without a voxel (``point_valid`` False, only with
-    ``out_of_range: drop``) get ``ignore_index``: the model cannot predict them."""
-    labels = batch["labels"] if rows == "points" else batch["labels"][batch["img_point_idx"]]
-    if rows == "points" and point_valid is not None:
-        labels = torch.where(point_valid, labels, torch.full_like(labels, ignore_index))
-    return labels
-
-
-def ce_mean(logits: Tensor, labels: Tensor, ignore_index: int) -> Tensor:
-    ce, valid = ce_rows(logits, labels, ignore_index)
-    return row_mean(ce, valid)
-
-
-def teacher_loss(model: nn.Module, out: Dict[str, Tensor], batch: Dict[str, Any], weights: Dict[str, float],
-                 ignore_index: int) -> Dict[str, Tensor]:
-    """Cross entropy on every head the teacher returns (``logits`` and, for the fusion
-    teacher, ``point_logits`` / ``image_logits``), each weighted by ``loss_weights``."""
-    losses = {}
-    for head in TEACHER_HEADS:
-        if head in out:
-            rows = rows_of(model) if head == "logits" else HEAD_ROWS[head]
-            labels = labels_for(rows, batch, out.get("point_valid"), ignore_index)
-            losses[f"loss_{head}"] = weights.get(head, 1.0) * ce_mean(out[head], labels, ignore_index)
-    return losses
-
-
-def student_loss(distiller, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, Tensor]], s_rows: str,
-                 t_rows: str, batch: Dict[str, Any], epoch: int) -> Dict[str, Tensor]:
-    labels = labels_for(s_rows, batch, s_out.get("point_valid"), distiller.ignore_index)
-    losses = {"loss_ce": distiller.ce_weight * ce_mean(s_out["logits"], labels, distiller.ignore_index)}
-    if t_out is not None and distiller.has_kd:
-        extras = {}
-        if distiller.uses_features:  # logit distillers: no [K, D] gathers per step
-            extras = {"student_feats": in_view(s_out["feats"], s_rows, batch),
-                      "teacher_feats": in_view(t_out["feats"], t_rows, batch).detach()}
-        losses["loss_kd"] = distiller.kd_loss(in_view(s_out["logits"], s_rows, batch),
-                                              in_view(t_out["logits"], t_rows, batch).detach(),
-                                              labels_for("in_view", batch), epoch, **extras)
-    return losses
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -121,40 +56,6 @@ def build_scheduler(opt, o, steps_per_epoch: int):
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-# ----------------------------------------------------------------------------- evaluation
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: int, ignore_index: int,
-             class_names: List[str], progress: bool = False) -> Dict[str, Any]:
-    """mIoU of ``logits`` over the rows they cover (full scans for the student, in-view points
-    for image teachers) and, for a per-point model, over the in-view points too (the rows
-    where student and teacher compare); confusion matrices are summed over ranks."""
-    from tqdm import tqdm
-
-    was_training = model.training
-    model.eval()
-    rows = rows_of(model)
-    metrics = {"all": SegmentationIoU(num_classes, ignore_index, class_names),
-               "in_view": SegmentationIoU(num_classes, ignore_index, class_names)}
-    for batch in tqdm(loader, desc="val", leave=False, disable=not (progress and env.is_main)):
-        batch = to_device(batch, env.device)
-        out = model(batch)
-        pred = out["logits"].argmax(-1)
-        labels = labels_for(rows, batch, out.get("point_valid"), ignore_index)
-        if rows == "points":
-            metrics["all"].update(pred, labels)
-        if "img_point_idx" in batch:  # scans read without images have no in-view rows
-            metrics["in_view"].update(in_view(pred, rows, batch), in_view(labels, rows, batch))
-    out = {}
-    for key, m in metrics.items():
-        if m.conf is None:
-            m.conf = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=env.device)
-        all_reduce_sum(m.conf, env)
-        if m.conf.sum() > 0:
-            out[key] = m.compute()
-    model.train(was_training)
-    return out
-
-
 # ----------------------------------------------------------------------------- stages
 @dataclass
 class StageResult:
@@ -175,12 +76,20 @@ def load_teacher(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> n
     weights = state.get("model", state)  # a final.pt, or a bare state_dict
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise ValueError(f"teacher weights {path}: neither a pcseg_kd final.pt nor a state_dict")
-    teacher = MODELS.build(state.get("model_cfg") or cfg["teacher"]["model"])
+    # the trained weights replace any pretrained backbone: do not read that file again
+    teacher = MODELS.build(without_pretrained(state.get("model_cfg") or cfg["teacher"]["model"]))
     load_weights(teacher, weights, path)
-    teacher.to(device).eval()
+    teacher.to(device).eval()  # eval for good: BatchNorm statistics stay as trained
     for p in teacher.parameters():
         p.requires_grad_(False)
     return teacher
+
+
+def without_pretrained(model_cfg: Any) -> Any:
+    """A model config with every ``pretrained`` entry (at any depth) removed."""
+    if isinstance(model_cfg, dict):
+        return {k: without_pretrained(v) for k, v in model_cfg.items() if k != "pretrained"}
+    return model_cfg
 
 
 def load_weights(model: nn.Module, weights: Dict[str, Tensor], path: Path) -> None:
@@ -212,15 +121,29 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
                       work_dir: Path, distiller) -> Dict[str, Any]:
     """The settings a stage's weights depend on; checkpoints carry it, and resuming or
     reusing one under different settings is an error rather than a silent mix."""
-    fp = {"model": cfg[stage]["model"], "optim": cfg[stage]["optim"], "train": cfg["data"]["train"],
-          "seed": cfg["seed"], "amp": use_amp, "world_size": env.world_size, "steps_per_epoch": steps}
+    section = cfg[model_section(stage)]
+    fp = {"model": section["model"], "optim": section["optim"], "loss": section.get("loss"),
+          "train": cfg["data"]["train"], "seed": cfg["seed"], "amp": use_amp, "threads": cfg["threads"],
+          "world_size": env.world_size, "steps_per_epoch": steps}
     if stage == "teacher":
         fp["loss_weights"] = cfg["teacher"].get("loss_weights") or {}
     else:
-        fp["distiller"] = cfg["distiller"]
+        fp["distiller"] = stage_distiller_cfg(stage, cfg)
         if distiller.has_kd:
             fp["teacher"] = teacher_fingerprint(cfg, work_dir)
     return fp
+
+
+def model_section(stage: str) -> str:
+    """The config section a stage trains: the baseline is the student without KD."""
+    return "teacher" if stage == "teacher" else "student"
+
+
+def stage_distiller_cfg(stage: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The student's distiller; the baseline keeps its segmentation weight and drops KD."""
+    if stage == "baseline":
+        return {"type": "none", "ce_weight": cfg["distiller"].get("ce_weight", 1.0)}
+    return cfg["distiller"]
 
 
 def check_fingerprint(path: Path, saved: Optional[Dict[str, Any]], now: Dict[str, Any],
@@ -234,10 +157,11 @@ def check_fingerprint(path: Path, saved: Optional[Dict[str, Any]], now: Dict[str
 
 
 def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds,
-                progress: bool = True) -> StageResult:
+                progress: bool = True, class_weights: Optional[Dict[str, Tensor]] = None) -> StageResult:
+    """``class_weights``: {section: [C] weights} for sections whose loss asks for them."""
     from tqdm import tqdm
 
-    scfg, o = cfg[stage], cfg[stage]["optim"]
+    scfg, o = cfg[model_section(stage)], cfg[model_section(stage)]["optim"]
     from .schema import KittiOptimConfig
     o = KittiOptimConfig(**o)
     stage_dir = work_dir / stage
@@ -252,15 +176,22 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         raise ValueError(f"[{stage}] {len(train_ds)} training scans give no full batch of {o.batch_size} per "
                          f"process on {env.world_size} process(es): lower {stage}.optim.batch_size")
     distiller = None
-    if stage == "student":
-        distiller = DISTILLERS.build({**cfg["distiller"], "ignore_index": train_ds.ignore_index})
+    if stage != "teacher":
+        distiller = DISTILLERS.build({**stage_distiller_cfg(stage, cfg), "ignore_index": train_ds.ignore_index})
+    loss_cfg = scfg.get("loss") or {}
+    seg = SegLoss(ce=loss_cfg.get("ce", 1.0), lovasz=loss_cfg.get("lovasz", 0.0),
+                  class_weights=(class_weights or {}).get(model_section(stage)),
+                  ignore_index=train_ds.ignore_index).to(device)
     fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller)
     if final.is_file():
         state = load_checkpoint(final, mmap=True)  # its fingerprint and metrics only
-        # a finished stage can be reused on another number of processes
-        check_fingerprint(final, state.get("fingerprint"), fingerprint, ignore=("world_size", "steps_per_epoch"))
+        # a finished stage can be reused on another number of processes or threads
+        check_fingerprint(final, state.get("fingerprint"), fingerprint,
+                          ignore=("world_size", "steps_per_epoch", "threads"))
         if env.is_main:
             print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
+            if not (stage_dir / "metrics.json").is_file():  # killed between final.pt and metrics.json
+                write_stage_metrics(stage_dir, state.get("metrics", {}), state.get("history", []))
         return StageResult(state.get("metrics", {}), final)
     stage_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])  # the same initialisation on every rank
@@ -281,6 +212,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     history: List[Dict[str, Any]] = []
 
     start_epoch, start_step, global_step = 1, 0, 0
+    pending: Optional[int] = None  # an epoch whose validation a kill interrupted
     last = stage_dir / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors
@@ -293,6 +225,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             distiller.load_state_dict(state["distiller"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         history = list(state.get("history", []))
+        pending = state.get("pending_validation")
         set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else None)
         if env.is_main:
             print(f"[{stage}] resuming from {last}: epoch {start_epoch}, step {start_step}", flush=True)
@@ -300,7 +233,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if env.distributed:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    def checkpoint(epoch: int, step_in_epoch: int) -> None:
+    def checkpoint(epoch: int, step_in_epoch: int, pending_validation: Optional[int] = None) -> None:
         rngs = _gather_rng(env)
         if env.is_main:
             save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -308,7 +241,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                    "distiller": distiller.state_dict() if distiller is not None else None,
                                    "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                                    "rng": rngs, "model_cfg": scfg["model"], "fingerprint": fingerprint,
-                                   "history": history})
+                                   "history": history, "pending_validation": pending_validation})
         barrier(env)
 
     val_loader = None
@@ -318,6 +251,23 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     logger = StageLogger(stage_dir, env, cfg.get("tensorboard", False), resume_step=global_step)
     log_path = logger.path
     metrics: Dict[str, Any] = {}
+
+    def validate(epoch: int, seconds: float, log: bool = True) -> None:
+        """Score, record in the history (replacing a record of the same epoch), checkpoint."""
+        nonlocal metrics, history
+        metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index,
+                           val_ds.class_names, progress)
+        record = val_record(epoch, metrics, seconds, global_step)
+        history = [h for h in history if h.get("epoch") != epoch] + [record]
+        if log:
+            logger.log(record, global_step)
+        checkpoint(epoch + 1, 0)  # with this validation in its history, none pending
+        if env.is_main:
+            print(f"[{stage}] epoch {epoch}: " + ", ".join(f"val mIoU ({k}) {v['miou']:.2f}"
+                                                          for k, v in metrics.items()), flush=True)
+
+    if pending is not None and val_loader is not None:  # killed inside that validation: redo it
+        validate(pending, 0.0)
     ddp.train()
     for epoch in range(start_epoch, o.epochs + 1):
         first = start_step if epoch == start_epoch else 0
@@ -334,11 +284,12 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                 out = ddp(batch)
                 if stage == "teacher":
-                    losses = teacher_loss(model, out, batch, scfg.get("loss_weights") or {}, train_ds.ignore_index)
+                    losses = teacher_loss(model, out, batch, scfg.get("loss_weights") or {}, seg)
                 else:
                     with torch.no_grad():
                         t_out = teacher(batch) if teacher is not None else None
-                    losses = student_loss(distiller, out, t_out, rows, rows_of(teacher) if teacher else rows, batch, epoch)
+                    losses = student_loss(distiller, seg, out, t_out, rows, rows_of(teacher) if teacher else rows,
+                                          batch, epoch)
             loss = sum(losses.values())
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -372,30 +323,26 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                              f"not checkpointing it (see {log_path})")
                 checkpoint(epoch, step_in_epoch)
         bar.close()
-        checkpoint(epoch + 1, 0)
-        if val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs):
-            metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index,
-                               val_ds.class_names, progress)
-            record = val_record(epoch, metrics, time.perf_counter() - t0, global_step)
-            history.append(record)
-            logger.log(record, global_step)
-            checkpoint(epoch + 1, 0)  # again, with this validation in its history
-            if env.is_main:
-                print(f"[{stage}] epoch {epoch}: " + ", ".join(f"val mIoU ({k}) {v['miou']:.2f}"
-                                                              for k, v in metrics.items()), flush=True)
-    if val_loader is not None and not metrics:  # resumed after the last epoch's checkpoint
-        metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index, val_ds.class_names,
-                           progress)
-        record = val_record(o.epochs, metrics, 0.0, global_step)
-        history = [h for h in history if h.get("epoch") != o.epochs] + [record]
-        logger.log(record, global_step)
+        due = val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs)
+        # a kill inside the validation below leaves it pending: the rerun does it first
+        checkpoint(epoch + 1, 0, pending_validation=epoch if due else None)
+        if due:
+            validate(epoch, time.perf_counter() - t0)
+    if val_loader is not None and not metrics:  # resumed after the last validation, before final.pt
+        # the same weights as when it was recorded: score again (the per-class figures are not
+        # kept in the history) without logging the record a second time
+        validate(o.epochs, 0.0, log=not any(h.get("epoch") == o.epochs for h in history))
     if env.is_main:
         save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
-                                "config": cfg, "fingerprint": fingerprint})
-        atomic_write_text(stage_dir / "metrics.json", json.dumps({"final": metrics, "history": history}, indent=2) + "\n")
+                                "config": cfg, "fingerprint": fingerprint, "history": history})
+        write_stage_metrics(stage_dir, metrics, history)
     logger.close()
     barrier(env)
     return StageResult(metrics, final)
+
+
+def write_stage_metrics(stage_dir: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]]) -> None:
+    write_json(stage_dir / "metrics.json", {"final": metrics, "history": history})  # NaN -> null
 
 
 def val_record(epoch: int, metrics: Dict[str, Any], seconds: float, global_step: int) -> Dict[str, Any]:
@@ -421,8 +368,79 @@ def _gather_rng(env: DistEnv) -> List[Dict[str, Any]]:
     return out
 
 
+def resolve_class_weights(cfg: Dict[str, Any], train_ds, work_dir: Path, env: DistEnv) -> Dict[str, Tensor]:
+    """{section: [C] CE class weights} for the sections whose ``loss.class_weights`` asks for
+    them: 2DPASS's (max f / f_c)^(1/3) from the label map's ``content`` (``"content"``) or
+    from the training labels (``"frequency"``, counted once and kept in
+    ``WORK/class_counts.json``), or the config's own list."""
+    from ...losses.class_weights import inverse_frequency_weights
+
+    out: Dict[str, Tensor] = {}
+    for section in dict.fromkeys(model_section(s) for s in cfg["stages"]):
+        source = (cfg[section].get("loss") or {}).get("class_weights")
+        if source is None:
+            continue
+        if source == "content":
+            weights = inverse_frequency_weights(train_ds.label_map.train_frequencies())
+        elif source == "frequency":
+            weights = inverse_frequency_weights(training_class_counts(cfg, train_ds, work_dir, env))
+        else:
+            if len(source) != train_ds.num_classes:
+                raise ValueError(f"{section}.loss.class_weights: {len(source)} weights for "
+                                 f"{train_ds.num_classes} classes")
+            weights = torch.tensor(source, dtype=torch.float32)
+        out[section] = weights
+    return out
+
+
+def training_class_counts(cfg: Dict[str, Any], train_ds, work_dir: Path, env: DistEnv) -> List[int]:
+    path = work_dir / "class_counts.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        if saved.get("train") == cfg["data"]["train"]:
+            return saved["counts"]
+    counts = [int(c) for c in train_ds.label_counts(progress=env.is_main)]
+    if env.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"train": cfg["data"]["train"], "counts": counts, "classes": train_ds.class_names})
+    return counts
+
+
+def summarize(cfg: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """Every stage's final validation on the same rows: ``in_view`` for all, ``all`` (the
+    student's rows) for the baseline and the student; per-class IoU kept."""
+    summary: Dict[str, Any] = {"protocol": cfg["protocol"], "distiller": cfg["distiller"].get("type")}
+    for stage, metrics in results.items():
+        keys = ("in_view",) if stage == "teacher" else ("in_view", "all")
+        summary[stage] = {k: {"miou": metrics[k]["miou"], "iou": metrics[k]["iou"], "points": metrics[k]["points"]}
+                          for k in keys if k in metrics}
+    return summary
+
+
+def comparison_lines(summary: Dict[str, Any]) -> List[str]:
+    """The three-line comparison printed at the end of a run."""
+    def fmt(stage, key):
+        v = summary.get(stage, {}).get(key)
+        return f"{v['miou']:6.2f}" if v else "     -"
+    names = {"teacher": "teacher", "baseline": "baseline (no KD)", "student": f"student ({summary['distiller']})"}
+    lines = []
+    for stage in ("teacher", "baseline", "student"):
+        if stage not in summary:
+            continue
+        line = f"{names[stage]:<24} mIoU in view {fmt(stage, 'in_view')}"
+        if stage != "teacher":
+            line += f"   all {fmt(stage, 'all')}"
+        if stage == "student" and "baseline" in summary:
+            gains = [f"{summary['student'][k]['miou'] - summary['baseline'][k]['miou']:+.2f} {k.replace('_', ' ')}"
+                     for k in ("in_view", "all") if k in summary["student"] and k in summary["baseline"]]
+            line += f"   vs baseline: {', '.join(gains)}"
+        lines.append(line)
+    return lines
+
+
 def run_kitti(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool = True) -> Dict[str, Any]:
-    """Run the experiment's stages in order; returns {stage: final validation metrics}."""
+    """Run the experiment's stages in order; returns {stage: final validation metrics} and
+    writes ``WORK/metrics.json`` (:func:`summarize`)."""
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     data = cfg["data"]
@@ -430,9 +448,21 @@ def run_kitti(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool 
     generate_synthetic_if_missing(roots, data.get("synthetic"), env)
     train_ds = DATASETS.build(data["train"])
     val_ds = DATASETS.build(data["val"]) if data.get("val") else None
+    class_weights = resolve_class_weights(cfg, train_ds, work_dir, env)
     results = {}
     for stage in cfg["stages"]:
         if stage == "teacher" and cfg.get("teacher_checkpoint"):
             continue
-        results[stage] = train_stage(stage, cfg, env, work_dir, train_ds, val_ds, progress).metrics
+        results[stage] = train_stage(stage, cfg, env, work_dir, train_ds, val_ds, progress, class_weights).metrics
+    if val_ds is not None and env.is_main:
+        summary = summarize(cfg, results)
+        write_json(work_dir / "metrics.json", summary)
+        from ...utils.io import read_json
+        from ...vis import plot_learning_curves
+        histories = {stage: (read_json(work_dir / stage / "metrics.json", default={}) or {}).get("history", [])
+                     for stage in results}
+        plot_learning_curves(histories, work_dir / "learning_curves.png",
+                             f"{cfg.get('name') or 'kitti'}: validation ({cfg['protocol']} protocol)")
+        print("\n".join(["", f"[{cfg.get('name') or 'kitti'}] final validation ({cfg['protocol']} protocol):"]
+                        + comparison_lines(summary)), flush=True)
     return results

@@ -3,10 +3,13 @@
 2DPASS's image branch is a ResNet34 FCN; this is the same encoder layout (BasicBlocks,
 depths ``(3, 4, 6, 3)``, widths ``(64, 128, 256, 512)``, strides 4-8-16-32) with a light
 top-down decoder (1×1 laterals, upsample-and-add) whose finest map, at stride
-``out_stride`` (4 by default), is sampled bilinearly at each in-view point's pixel. No
-pretrained weights are loaded (nothing is downloaded at run time); a user can load an
-ImageNet ResNet34 ``state_dict`` into ``encoder`` (same parameter names as torchvision's
-``resnet34`` minus the ``fc``) with ``load_encoder_state_dict``.
+``out_stride`` (4 by default), is sampled bilinearly at each in-view point's pixel.
+
+``pretrained: PATH`` starts the encoder from a torchvision-format ResNet ``state_dict`` (an
+ImageNet ``resnet34`` as the authors' image teacher does: the same parameter names, ``fc.*``
+dropped; a ``{"state_dict": ...}`` or ``{"model": ...}`` wrapper and ``module.`` prefixes are
+accepted). Nothing is ever downloaded: the file must be on disk; any missing, unexpected or
+mis-shaped key is an error naming the file.
 
 Batch contract (keys of :func:`pcseg_kd.data.kitti.collate_kitti`): reads ``images
 [B, 3, H, W]``, ``img_batch_idx [K]``, ``img_pixel_vu [K, 2]``; returns
@@ -17,7 +20,7 @@ Batch contract (keys of :func:`pcseg_kd.data.kitti.collate_kitti`): reads ``imag
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Sequence
+from typing import Any, Dict, Mapping, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -78,7 +81,7 @@ class ResNetFCN(nn.Module):
 
     def __init__(self, num_classes: int = 19, in_channels: int = 3,
                  widths: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),
-                 decoder_channels: int = 128, out_stride: int = 4):
+                 decoder_channels: int = 128, out_stride: int = 4, pretrained: Optional[str] = None):
         super().__init__()
         widths, depths = list(widths), list(depths)
         if not 1 <= len(widths) <= 4 or len(widths) != len(depths):
@@ -96,6 +99,41 @@ class ResNetFCN(nn.Module):
         self.smooth = nn.Sequential(nn.Conv2d(decoder_channels, decoder_channels, 3, 1, 1, bias=False),
                                     nn.BatchNorm2d(decoder_channels), nn.ReLU(inplace=True))
         self.head = nn.Linear(decoder_channels, num_classes)
+        if pretrained is not None:
+            self.load_pretrained(pretrained)
+
+    def load_pretrained(self, path: str) -> None:
+        """The encoder from a torchvision-format ResNet ``state_dict`` at ``path`` (strict)."""
+        from pathlib import Path
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"resnet_fcn.pretrained: {path} does not exist (weights are never downloaded: "
+                                    "save torchvision's resnet34 state_dict there first)")
+        if next(self.encoder.parameters()).is_meta:
+            return  # a config check builds the model on the meta device: the file exists, nothing to load
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # not a torch file, or not plain tensors
+            raise ValueError(f"resnet_fcn.pretrained: {path} is not a readable state_dict "
+                             f"({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        for key in ("state_dict", "model"):
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+            raise ValueError(f"resnet_fcn.pretrained: {path} holds no state_dict of tensors")
+        state = {k.removeprefix("module."): v for k, v in state.items() if not k.removeprefix("module.").startswith("fc.")}
+        own = self.encoder.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        shapes = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
+        if missing or unexpected or shapes:
+            parts = [f"{len(v)} {what} (e.g. {', '.join(v[:3])})" for what, v in
+                     (("missing", missing), ("unexpected", unexpected), ("of another shape", shapes)) if v]
+            raise ValueError(f"resnet_fcn.pretrained: {path} does not fit this encoder (widths and depths "
+                             f"must be the checkpoint's, e.g. resnet34: [64, 128, 256, 512] x [3, 4, 6, 3]): "
+                             f"keys {'; '.join(parts)}")
+        self.encoder.load_state_dict(state, strict=True)
 
     def feature_map(self, images: Tensor) -> Tensor:
         """``[B, decoder_channels, ceil(H / out_stride), ceil(W / out_stride)]``."""

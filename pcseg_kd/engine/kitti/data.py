@@ -34,11 +34,17 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
                 print(f"data.synthetic: {root} has no sequences/, generating a synthetic SemanticKITTI "
                       f"({', '.join(sequences)}) there", flush=True)
                 # written aside and renamed into place: a killed generation leaves no half dataset
-                for stale in root.glob(".synthetic-*"):  # what killed generations left
-                    shutil.rmtree(stale, ignore_errors=True)
+                for stale in root.glob(".synthetic-*"):  # what killed generations left (not live ones)
+                    if not _pid_alive(stale.name.removeprefix(".synthetic-")):
+                        shutil.rmtree(stale, ignore_errors=True)
                 tmp = root / f".synthetic-{os.getpid()}"
                 generate_dataset(tmp, sequences, SyntheticConfig(lidar=lidar, **spec), progress=True)
-                os.replace(tmp / "sequences", root / "sequences")
+                try:
+                    os.replace(tmp / "sequences", root / "sequences")
+                except OSError:
+                    if not (root / "sequences").is_dir():
+                        raise
+                    # another run generated the same dataset meanwhile (same spec, same files): use it
                 shutil.rmtree(tmp, ignore_errors=True)
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
@@ -47,6 +53,16 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
         raise error
     if failed:
         raise RuntimeError(f"data.synthetic: generation failed on rank 0 ({failed})")
+
+
+def _pid_alive(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 class ShardedBatchSampler(Sampler):

@@ -83,3 +83,17 @@ def test_fast_path_only_where_it_applies(change):
     dist = DISTILLERS.build(change.get("distiller", {"type": "kd"}))
     dist.build_modules(models["student"].feature_dim, 2, num_models=1, num_samples=80, num_classes=2)
     assert not linear_fast_path(models["student"], change.get("opt", OptimConfig(lr=0.1, epochs=5)), 80, task, dist)
+
+
+def test_distiller_parameters_do_not_depend_on_earlier_global_rng_use():
+    """FitNet's regressor is initialised from a per-cell seed: the same cell gives the same
+    result whatever ran before it (a sweep resumed after a kill runs cells in a new process)."""
+    from pcseg_kd.engine.toy.schema import load_experiment
+    from pcseg_kd.engine.toy.train import run_setting
+
+    cfg = load_experiment("configs/gauss/kd.yaml", ["seeds.num=2", "teacher.epochs=20", "student.epochs=20"])
+    cfg = {**cfg, "distiller": {"type": "fitnet", "kd_weight": 1.0}}
+    first = run_setting(cfg)["metrics"]["per_seed"]["student_acc"]
+    torch.rand(1000)  # what an earlier cell would do to the global generator
+    again = run_setting(cfg)["metrics"]["per_seed"]["student_acc"]
+    assert first == again

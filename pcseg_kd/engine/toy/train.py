@@ -263,6 +263,7 @@ def accuracy(logits: Tensor, y: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- one setting
+DISTILLER_INIT_SEED = 0x0D15_7111
 def build_task(cfg) -> ToyTask:
     return TASKS.build(dict(cfg["task"]))
 
@@ -317,8 +318,13 @@ def run_setting(cfg, progress: bool = False, shared: Optional[Dict[str, Any]] = 
     teacher, baseline = shared["teacher"], shared["baseline"]
     student = copy.deepcopy(shared["student_init"])
     n_train = data["y_train"].shape[-1]
-    distiller = build_distiller(cfg["distiller"], student.feature_dim, teacher.feature_dim, len(seeds), n_train,
-                                task.num_classes).to(device)
+    # a distiller's own parameters (FitNet's regressor, CRD's embeddings) are initialised from
+    # a generator seeded by the cell's first seed, not from whatever global RNG state earlier
+    # cells left: a cell gives the same result alone, in a sweep, or in a resumed sweep
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(DISTILLER_INIT_SEED + seeds[0])
+        distiller = build_distiller(cfg["distiller"], student.feature_dim, teacher.feature_dim, len(seeds), n_train,
+                                    task.num_classes).to(device)
     fit(student, data["x_b_train"], data["y_train"], OptimConfig(**cfg["student"]), seeds, distiller, teacher,
         data["x_a_train"], task, desc=f"student ({cfg['distiller']['type']})", progress=progress)
 

@@ -156,14 +156,38 @@ def bench_setting(path, overrides, engine_loop=True):
     return out
 
 
+def bench_rkd(seeds=5, rows=128, dims=64, steps=5):
+    """ms per forward+backward of the RKD distiller (distance + angle terms) on a
+    ``[seeds, rows, dims]`` batch, as a digits training step calls it (a row mask included)."""
+    torch.set_num_threads(1)
+    dist = DISTILLERS.build({"type": "rkd"})
+    dist.build_modules(dims, dims, num_models=seeds)
+    g = torch.Generator().manual_seed(0)
+    f_s = torch.randn(seeds, rows, dims, generator=g, requires_grad=True)
+    f_t = torch.randn(seeds, rows, dims, generator=g)
+    logits = torch.randn(seeds, rows, 10, generator=g)
+    y = torch.randint(0, 10, (seeds, rows), generator=g)
+    run = lambda: dist(logits, logits, y, student_feats=f_s, teacher_feats=f_t)["loss_kd"].sum().backward()  # noqa: E731
+    run()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        run()
+    return (time.perf_counter() - t0) / steps * 1e3
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     p.add_argument("--sweeps", action="store_true", help="also time the full Table 8 / Table 2 sweeps (batched)")
+    p.add_argument("--rkd", action="store_true",
+                   help="only time one RKD distiller step (5 seeds x 128 rows x 64 dims, 1 thread)")
     p.add_argument("--no-engine-loop", action="store_true",
                    help="skip the engine's per-seed loop (fit_plain, the slowest of the three)")
     p.add_argument("overrides", nargs="*", help="overrides applied to every setting, e.g. seeds.num=20")
     args = p.parse_args()
+    if args.rkd:
+        print(f"RKD distiller forward+backward, 5 seeds x 128 rows x 64 dims, 1 thread: {bench_rkd():.0f} ms per step")
+        return
     print(f"torch {torch.__version__}; threads per the configs (threads: 1 unless overridden); "
           f"overrides: {' '.join(args.overrides) or 'none'}")
     print("| setting | seeds | batched (s) | lean loop (s) | speed-up vs lean | engine loop (s) | "

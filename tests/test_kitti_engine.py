@@ -540,3 +540,13 @@ def test_killed_between_final_pt_and_metrics_json_writes_them_on_rerun(data_root
     saved = json.loads((tmp_path / "teacher" / "metrics.json").read_text())
     assert saved["final"]["in_view"]["miou"] == pytest.approx(res["teacher"]["in_view"]["miou"])
     assert [h["epoch"] for h in saved["history"]] == [1]
+
+
+def test_a_synthetic_root_generated_under_another_spec_is_refused(tmp_path):
+    from pcseg_kd.engine.kitti.data import generate_synthetic_if_missing
+    spec = {"sequences": ["00"], "frames": 1, "seed": 0, "render_scale": 0.25, "lidar": {"azimuth_steps": 128}}
+    generate_synthetic_if_missing([str(tmp_path)], spec, DistEnv())
+    assert json.loads((tmp_path / "synthetic.json").read_text()) == spec
+    generate_synthetic_if_missing([str(tmp_path)], spec, DistEnv())  # the same spec: reused as it is
+    with pytest.raises(ValueError, match=r"holds a synthetic dataset generated with other settings \(frames differ"):
+        generate_synthetic_if_missing([str(tmp_path)], {**spec, "frames": 2}, DistEnv())

@@ -15,12 +15,16 @@ from ..distributed import DistEnv, broadcast_object
 
 def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any]], env: DistEnv) -> None:
     """The embedded default: write a synthetic dataset at a root that has no ``sequences/``,
-    only when the config asks for it (``data.synthetic``); rank 0 writes, the others wait."""
+    only when the config asks for it (``data.synthetic``); rank 0 writes, the others wait.
+    The spec is kept in ``ROOT/synthetic.json``: a root generated under another spec is an
+    error naming it (it would silently train on other data), not reused."""
     if not spec:
         return
     from ...data.kitti.synthetic.generate import SyntheticConfig, generate_dataset
     from ...data.kitti.synthetic.lidar import LidarModel
+    from ...utils.io import read_json, write_json
 
+    full_spec = dict(spec)
     spec = dict(spec)
     sequences = [str(s) for s in spec.pop("sequences", ["00", "08"])]
     error = None
@@ -30,6 +34,12 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
             for root in dict.fromkeys(roots):
                 root = Path(root)
                 if (root / "sequences").is_dir():
+                    saved = read_json(root / "synthetic.json", default=None)
+                    if saved is not None and saved != full_spec:
+                        diff = sorted(k for k in set(saved) | set(full_spec) if saved.get(k) != full_spec.get(k))
+                        raise ValueError(f"data.synthetic: {root} holds a synthetic dataset generated with other "
+                                         f"settings ({', '.join(diff)} differ from {root / 'synthetic.json'}): "
+                                         "delete that folder to generate it again, or use another root")
                     continue
                 print(f"data.synthetic: {root} has no sequences/, generating a synthetic SemanticKITTI "
                       f"({', '.join(sequences)}) there", flush=True)
@@ -46,6 +56,7 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
                         raise
                     # another run generated the same dataset meanwhile (same spec, same files): use it
                 shutil.rmtree(tmp, ignore_errors=True)
+                write_json(root / "synthetic.json", full_spec)
         except Exception as e:  # noqa: BLE001 - re-raised below, on every rank
             error = e
     failed = broadcast_object(None if error is None else f"{type(error).__name__}: {error}", env)

@@ -1,0 +1,76 @@
+#!/usr/bin/env python
+"""Compare teacher, no-KD baseline and distilled student over runs (seeds) of one config.
+
+    python tools/kitti_compare.py work_dirs/qs_s0 work_dirs/qs_s1 work_dirs/qs_s2
+
+Reads each work folder's metrics.json (written by tools/train.py with stages teacher,
+baseline, student) and prints, on the in-view points (the rows all three are scored on):
+a Markdown table of mIoU per run with the paired differences student − baseline and
+teacher − baseline, mean ± sample std over the runs, and the per-class transfer check: the
+correlation, over classes present in a run, between the teacher's and the student's per-class
+IoU gain over the baseline (does distillation move the student towards the teacher's classes?).
+"""
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pcseg_kd.utils.io import read_json  # noqa: E402
+
+STAGES = ("teacher", "baseline", "student")
+
+
+def load(work: Path) -> dict:
+    m = read_json(work / "metrics.json")
+    missing = [s for s in STAGES if "in_view" not in m.get(s, {})]
+    if missing:
+        raise ValueError(f"{work / 'metrics.json'}: no in-view result for {', '.join(missing)} "
+                         "(train with stages=[teacher,baseline,student])")
+    return m
+
+
+def correlation(x, y):
+    if len(x) < 2:
+        return float("nan")
+    mx, my = statistics.mean(x), statistics.mean(y)
+    sxy = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    sx = sum((a - mx) ** 2 for a in x) ** 0.5
+    sy = sum((b - my) ** 2 for b in y) ** 0.5
+    return sxy / (sx * sy) if sx and sy else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("work_dirs", nargs="+", type=Path)
+    args = p.parse_args(argv)
+    rows, pooled = [], ([], [])
+    print("| run | teacher | baseline (no KD) | student | student − baseline | teacher − baseline | per-class corr |")
+    print("|---|---|---|---|---|---|---|")
+    for work in args.work_dirs:
+        m = load(work)
+        t, b, s = (m[k]["in_view"]["miou"] for k in STAGES)
+        it, ib, is_ = (m[k]["in_view"]["iou"] for k in STAGES)
+        present = [c for c in it if None not in (it[c], ib[c], is_[c])]
+        gain_t = [it[c] - ib[c] for c in present]
+        gain_s = [is_[c] - ib[c] for c in present]
+        pooled[0].extend(gain_t)
+        pooled[1].extend(gain_s)
+        rows.append((t, b, s))
+        print(f"| {work} | {t:.2f} | {b:.2f} | {s:.2f} | {s - b:+.2f} | {t - b:+.2f} | {correlation(gain_t, gain_s):.2f} |")
+    if len(rows) > 1:
+        cols = list(zip(*rows))
+        diff_s = [s - b for t, b, s in rows]
+        diff_t = [t - b for t, b, s in rows]
+
+        def f(v):
+            return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
+        print(f"| mean ± std ({len(rows)} runs) | {f(cols[0])} | {f(cols[1])} | {f(cols[2])} | {f(diff_s)} | "
+              f"{f(diff_t)} | {correlation(*pooled):.2f} (pooled) |")
+
+
+if __name__ == "__main__":
+    from pcseg_kd.utils.cli import run_main
+
+    sys.exit(run_main(main))

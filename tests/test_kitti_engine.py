@@ -353,6 +353,7 @@ def test_cli_generates_the_synthetic_default_and_trains(tmp_path):
                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "generating a synthetic SemanticKITTI" in out.stdout
+    assert "\r" not in out.stderr  # not a terminal: no progress-bar frames
     assert (root / "sequences" / "00" / "velodyne").is_dir()
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert set(metrics) == {"protocol", "distiller", "teacher", "baseline", "student"}

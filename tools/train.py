@@ -11,6 +11,7 @@ student) into DIR/<stage>/ (checkpoints, log.jsonl, metrics.json); rerunning res
 killed stage and skips finished ones. Small tasks: teacher, no-KD baseline and KD student
 for every seed. Both write DIR/config.yaml (the resolved config) and DIR/metrics.json.
 """
+import contextlib
 import sys
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from pcseg_kd.config import ConfigError  # noqa: E402
 from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
 from pcseg_kd.engine.runner import default_work_dir, experiment_kind, parse_args, save_config, write_json  # noqa: E402
 from pcseg_kd.engine.toy.schema import load_experiment  # noqa: E402
+from pcseg_kd.utils.lock import work_dir_lock  # noqa: E402
 
 
 def load_or_exit(loader, args):
@@ -40,11 +42,11 @@ def run_kitti(args):
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
     env = init_distributed(cfg["device"])
     try:
-        if env.is_main:
-            work_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, work_dir / "config.yaml")
         try:
-            results = run(cfg, work_dir, env, progress=not args.no_progress)
+            with (work_dir_lock(work_dir) if env.is_main else contextlib.nullcontext()):
+                if env.is_main:
+                    save_config(cfg, work_dir / "config.yaml")
+                results = run(cfg, work_dir, env, progress=not args.no_progress)
         except (KittiDataError, FileNotFoundError, ResumeMismatch) as e:
             raise SystemExit(f"error: {e}")
         if env.is_main and (work_dir / "metrics.json").is_file():
@@ -59,11 +61,11 @@ def run_toy(args):
     from pcseg_kd.engine.toy.train import run_setting
 
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, work_dir / "config.yaml")
-    result = run_setting(cfg, progress=not args.no_progress)
-    m = result["metrics"]
-    write_json(work_dir / "metrics.json", m)
+    with work_dir_lock(work_dir):
+        save_config(cfg, work_dir / "config.yaml")
+        result = run_setting(cfg, progress=not args.no_progress)
+        m = result["metrics"]
+        write_json(work_dir / "metrics.json", m)
     print(f"{cfg.get('name') or args.config}: teacher {m['teacher_acc_mean']:.2f} | no-KD {m['baseline_acc_mean']:.2f} | "
           f"student {m['student_acc_mean']:.2f} ± {m['student_acc_std']:.2f} | "
           f"Δ {m['delta_mean']:+.2f} ± {m['delta_std']:.2f} | input CMD {m['input_cmd']:.2f} | "

@@ -42,6 +42,10 @@ class Distiller(nn.Module):
     def __init__(self, ce_weight: float = 1.0, kd_weight: float = 1.0, warmup_epochs: int = 0,
                  ignore_index: Optional[int] = None):
         super().__init__()
+        for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("warmup_epochs", warmup_epochs)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+                raise ValueError(f"{name} must be a number >= 0, got {value!r} (a negative weight "
+                                 "would train the student away from its labels or its teacher)")
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.warmup_epochs = warmup_epochs

@@ -5,6 +5,7 @@ synthetic generator writes the same layout, so both go through this class unchan
 """
 from __future__ import annotations
 
+import sys
 import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
@@ -26,6 +27,35 @@ from .voxelize import voxelize
 
 DEFAULT_VOXEL_SIZE = [0.05, 0.05, 0.05]
 DEFAULT_POINT_RANGE = [-51.2, -51.2, -4.0, 51.2, 51.2, 2.4]
+
+
+def check_dataset_options(voxel_size=None, point_range=None, image_crop_hw=None, image_scale: float = 1.0,
+                          max_frames=None, frame_stride: int = 1, out_of_range: str = "clip") -> None:
+    """The option values that make no sense, as one ValueError naming each option (also run
+    when an experiment's config loads, before any data is read)."""
+    problems = []
+    def numbers(v, n):
+        return isinstance(v, (list, tuple)) and len(v) == n and all(
+            isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+
+    if voxel_size is not None and not (numbers(voxel_size, 3) and min(voxel_size) > 0):
+        problems.append(f"voxel_size must be 3 positive numbers (x, y, z in m), got {voxel_size!r}")
+    if point_range is not None and not (numbers(point_range, 6) and all(
+            point_range[i] < point_range[i + 3] for i in range(3))):
+        problems.append(f"point_range must be [xmin, ymin, zmin, xmax, ymax, zmax] with min < max, got {point_range!r}")
+    if image_crop_hw is not None and not (isinstance(image_crop_hw, (list, tuple)) and len(image_crop_hw) == 2
+                                          and all(isinstance(x, int) and x >= 1 for x in image_crop_hw)):
+        problems.append(f"image_crop_hw must be null or two whole numbers >= 1 (height, width), got {image_crop_hw!r}")
+    if max_frames is not None and (isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1):
+        problems.append(f"max_frames must be null (all) or a whole number >= 1, got {max_frames!r}")
+    if isinstance(frame_stride, bool) or not isinstance(frame_stride, int) or frame_stride < 1:
+        problems.append(f"frame_stride must be a whole number >= 1, got {frame_stride!r}")
+    if out_of_range not in ("clip", "drop"):
+        problems.append(f"out_of_range must be 'clip' or 'drop', got {out_of_range!r}")
+    if isinstance(image_scale, bool) or not isinstance(image_scale, (int, float)) or not 0 < image_scale <= 4:
+        problems.append(f"image_scale must be a number in (0, 4], got {image_scale!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 @DATASETS.register_module("semantickitti")
@@ -70,12 +100,15 @@ class SemanticKITTIDataset(Dataset):
                  point_range: Optional[List[float]] = None, out_of_range: str = "clip",
                  skip_bad_frames: bool = False, max_frames: Optional[int] = None,
                  frame_stride: int = 1, seed: int = 0):
+        check_dataset_options(voxel_size=voxel_size, point_range=point_range, image_crop_hw=image_crop_hw,
+                              image_scale=image_scale, max_frames=max_frames, frame_stride=frame_stride,
+                              out_of_range=out_of_range)
         self.root = Path(root)
         if not (self.root / "sequences").is_dir():
             raise KittiDataError(self.root / "sequences", "dataset root has no sequences/ folder")
         self.split = split
         self.sequences = [str(s) for s in sequences] if sequences else sequences_of_split(split, split_sequences)
-        frames = list_frames(self.root, self.sequences)[::max(1, frame_stride)]
+        frames = list_frames(self.root, self.sequences)[::frame_stride]
         self.frames: List[Frame] = frames[:max_frames] if max_frames else frames
         self.label_map = LabelMap(label_map_file, ignore_index)
         self.ignore_index = self.label_map.ignore_index
@@ -122,7 +155,13 @@ class SemanticKITTIDataset(Dataset):
         for attempt in range(len(self.frames)):
             i = (index + attempt) % len(self.frames)
             try:
-                return self.load(i)
+                sample = self.load(i)
+                if attempt and not self.augment:
+                    # evaluation: the substitute is scored once already as itself; its labels
+                    # here are ignored, so a skipped frame is skipped, not counted twice
+                    sample["labels"] = torch.full_like(sample["labels"], self.ignore_index)
+                    sample["has_labels"] = False
+                return sample
             except KittiDataError as err:
                 if not self.skip_bad_frames:
                     raise
@@ -191,7 +230,7 @@ class SemanticKITTIDataset(Dataset):
         from tqdm import tqdm
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
-        for frame in tqdm(self.frames, desc="class counts", disable=not progress):
+        for frame in tqdm(self.frames, desc="class counts", disable=not (progress and sys.stderr.isatty())):
             n = len(read_scan(frame.scan))
             sem, _ = read_label(frame.label, n)
             labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)

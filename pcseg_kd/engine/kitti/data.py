@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
@@ -48,7 +49,7 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
                     if not _pid_alive(stale.name.removeprefix(".synthetic-")):
                         shutil.rmtree(stale, ignore_errors=True)
                 tmp = root / f".synthetic-{os.getpid()}"
-                generate_dataset(tmp, sequences, SyntheticConfig(lidar=lidar, **spec), progress=True)
+                generate_dataset(tmp, sequences, SyntheticConfig(lidar=lidar, **spec), progress=sys.stderr.isatty())
                 try:
                     os.replace(tmp / "sequences", root / "sequences")
                 except OSError:

@@ -1,6 +1,7 @@
 """Validation mIoU of a SemanticKITTI model, on the rows its logits cover and on the in-view points."""
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List
 
 import torch
@@ -29,7 +30,7 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
     rows = rows_of(model)
     metrics = {"all": SegmentationIoU(num_classes, ignore_index, class_names),
                "in_view": SegmentationIoU(num_classes, ignore_index, class_names)}
-    for batch in tqdm(loader, desc="val", leave=False, disable=not (progress and env.is_main)):
+    for batch in tqdm(loader, desc="val", leave=False, disable=not (progress and env.is_main and sys.stderr.isatty())):
         batch = to_device(batch, env.device)
         out = model(batch)
         pred = out["logits"].argmax(-1)

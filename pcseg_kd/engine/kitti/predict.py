@@ -11,6 +11,7 @@ the camera's view (score those files on the in-view points to get the reported m
 """
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -92,7 +93,7 @@ def write_predictions(model, loader, label_map, out_dir: Path, progress: bool = 
                          "a per-point model (the student)")
     model.eval()
     written = 0
-    for batch in tqdm(loader, desc="predict", disable=not progress):
+    for batch in tqdm(loader, desc="predict", disable=not (progress and sys.stderr.isatty())):
         dev = to_device(batch, next(model.parameters()).device)
         out = model(dev)
         pred = out["logits"].argmax(-1)

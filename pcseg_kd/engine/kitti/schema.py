@@ -162,6 +162,45 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
         unknown = sorted(set(out["teacher"].get("loss_weights") or {}) - set(TEACHER_HEADS))
         if unknown:
             raise ValueError(f"unknown head(s) {unknown}; the teachers' heads are {list(TEACHER_HEADS)}")
+    def dataset(split):
+        def check():
+            from ...data.kitti.dataset import check_dataset_options
+            keys = ("voxel_size", "point_range", "image_crop_hw", "image_scale", "max_frames", "frame_stride",
+                    "out_of_range")
+            check_dataset_options(**{k: out["data"][split][k] for k in keys if k in out["data"][split]})
+        return check
+
+    def synthetic():
+        spec = dict(out["data"].get("synthetic") or {})
+        if not spec:
+            return
+        import dataclasses
+
+        from ...data.kitti.synthetic.generate import SyntheticConfig
+        from ...data.kitti.synthetic.lidar import LidarModel
+        for cls, given in ((SyntheticConfig, set(spec) - {"sequences"}), (LidarModel, set(spec.get("lidar") or {}))):
+            known = {f.name for f in dataclasses.fields(cls)}
+            if given - known:
+                raise ValueError(f"unknown key(s) {sorted(given - known)}; known: {sorted(known)}")
+        spec.pop("sequences", None)
+        SyntheticConfig(lidar=LidarModel(**(spec.pop("lidar", None) or {})), **spec)
+
+    def at_least_zero(key):
+        def check():
+            if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 0:
+                raise ValueError(f"must be a whole number >= 0, got {out[key]!r}")
+        return check
+
+    def device():
+        if out["device"] not in ("auto", "cuda", "cpu") and not str(out["device"]).startswith("cuda:"):
+            raise ValueError(f"must be auto, cpu, cuda or cuda:N, got {out['device']!r}")
+        if str(out["device"]).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"{out['device']!r} asked for, but torch sees no CUDA device "
+                             f"(torch {torch.__version__}); use device=cpu or auto")
+
+    checks += [(f"data.{split}", dataset(split)) for split in ("train", "val") if out["data"].get(split)]
+    checks += [("data.synthetic", synthetic), ("device", device), ("threads", at_least_zero("threads")),
+               ("seed", at_least_zero("seed"))]
     checks += [("stages", stages), ("protocol", protocol), ("eval_interval", at_least("eval_interval", 1)),
                ("log_interval", at_least("log_interval", 1)),
                ("checkpoint_interval", at_least("checkpoint_interval", 0)),

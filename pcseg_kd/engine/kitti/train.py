@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +77,12 @@ def load_teacher(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> n
     weights = state.get("model", state)  # a final.pt, or a bare state_dict
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
         raise ValueError(f"teacher weights {path}: neither a pcseg_kd final.pt nor a state_dict")
+    stored, configured = state.get("model_cfg"), cfg["teacher"]["model"]
+    if stored and stored.get("type") != configured.get("type"):
+        raise ValueError(f"teacher weights {path} hold a {stored.get('type')!r} model, but teacher.model is a "
+                         f"{configured.get('type')!r}: point teacher_checkpoint at a teacher's final.pt")
     # the trained weights replace any pretrained backbone: do not read that file again
-    teacher = MODELS.build(without_pretrained(state.get("model_cfg") or cfg["teacher"]["model"]))
+    teacher = MODELS.build(without_pretrained(stored or configured))
     load_weights(teacher, weights, path)
     teacher.to(device).eval()  # eval for good: BatchNorm statistics stay as trained
     for p in teacher.parameters():
@@ -275,7 +280,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         train_sampler.set_epoch(epoch, first)
         loader = make_loader(train_ds, train_sampler, cfg["data"]["num_workers"], device)
         bar = tqdm(total=steps, initial=first, desc=f"[{stage}] epoch {epoch}/{o.epochs}",
-                   disable=not (progress and env.is_main), dynamic_ncols=True)
+                   disable=not (progress and env.is_main and sys.stderr.isatty()), dynamic_ncols=True)
         t0 = time.perf_counter()
         for step_in_epoch, batch in enumerate(loader, start=first + 1):
             if step_in_epoch > steps:
@@ -323,6 +328,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                              f"not checkpointing it (see {log_path})")
                 checkpoint(epoch, step_in_epoch)
         bar.close()
+        if progress and env.is_main and not sys.stderr.isatty():  # a log file: one line per epoch, no \r frames
+            print(f"[{stage}] epoch {epoch}/{o.epochs}: {time.perf_counter() - t0:.1f} s", flush=True)
         due = val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs)
         # a kill inside the validation below leaves it pending: the rerun does it first
         checkpoint(epoch + 1, 0, pending_validation=epoch if due else None)
@@ -366,6 +373,17 @@ def _gather_rng(env: DistEnv) -> List[Dict[str, Any]]:
     out: List[Any] = [None] * env.world_size
     dist.all_gather_object(out, state)
     return out
+
+
+def check_batches(cfg: Dict[str, Any], scans: int, env: DistEnv) -> None:
+    """Each stage to run gets at least one full batch per process and epoch."""
+    for stage in cfg["stages"]:
+        if stage == "teacher" and cfg.get("teacher_checkpoint"):
+            continue
+        bs = cfg[model_section(stage)]["optim"]["batch_size"]
+        if scans // env.world_size // bs < 1:
+            raise ValueError(f"{model_section(stage)}.optim.batch_size: {scans} training scans give no full batch of "
+                             f"{bs} per process on {env.world_size} process(es) for the {stage} stage: lower it")
 
 
 def resolve_class_weights(cfg: Dict[str, Any], train_ds, work_dir: Path, env: DistEnv) -> Dict[str, Tensor]:
@@ -448,6 +466,7 @@ def run_kitti(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool 
     generate_synthetic_if_missing(roots, data.get("synthetic"), env)
     train_ds = DATASETS.build(data["train"])
     val_ds = DATASETS.build(data["val"]) if data.get("val") else None
+    check_batches(cfg, len(train_ds), env)  # every stage, before the first one trains
     class_weights = resolve_class_weights(cfg, train_ds, work_dir, env)
     results = {}
     for stage in cfg["stages"]:

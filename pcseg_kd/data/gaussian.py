@@ -42,6 +42,8 @@ class GaussianTask(ToyTask):
                  dim_b: int = 25, decisive: int = 10, hyperplane_dim: int = 500):
         if not 0 <= overlap <= decisive:
             raise ValueError(f"task.overlap must be in [0, {decisive}], got {overlap}")
+        if n_train < 1 or n_test < 1:
+            raise ValueError(f"task.n_train and task.n_test must be >= 1, got {n_train} and {n_test}")
         if dim_a < 2 * decisive or dim_b < decisive:
             raise ValueError(f"task.dim_a must be >= {2 * decisive} and task.dim_b >= {decisive}")
         self.overlap, self.n_train, self.n_test = overlap, n_train, n_test

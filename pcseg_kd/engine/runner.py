@@ -5,15 +5,11 @@ Each experiment kind loads its own config: :func:`pcseg_kd.engine.toy.schema.loa
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import torch
-from omegaconf import OmegaConf
-
-from ..config import CLI, ConfigError, atomic_write_text, save_config
+from ..config import CLI, ConfigError, save_config
 
 
 def import_all() -> None:

@@ -32,6 +32,11 @@ def _activate(x: Tensor, name: str, negative_slope: float) -> Tensor:
     return x
 
 
+def check_hidden(hidden: Sequence[int]) -> None:
+    if any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in hidden):
+        raise ValueError(f"model.hidden must be a list of layer widths >= 1, got {list(hidden)}")
+
+
 class PlainMLP(nn.Module):
     """One MLP: Linear (-> activation -> Linear)*."""
 
@@ -41,6 +46,7 @@ class PlainMLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_hidden(hidden)
         dims = [in_dim, *hidden, num_classes]
         layers = []
         for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
@@ -79,6 +85,7 @@ class MLP(nn.Module):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation must be one of {ACTIVATIONS}, got {activation!r}")
+        check_hidden(hidden)
         dims = [in_dim, *hidden, num_classes]
         self.weights = nn.ParameterList(nn.Parameter(torch.empty(num_models, a, b)) for a, b in zip(dims[:-1], dims[1:]))
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(num_models, 1, b)) for b in dims[1:])

@@ -43,7 +43,20 @@ def seed_list(seeds: Dict[str, Any]) -> List[int]:
     if seeds["num"] < 1:
         raise ValueError(f"seeds.num must be >= 1, got {seeds['num']}")
     if seeds.get("values"):
-        return [int(s) for s in seeds["values"]][: seeds["num"]]
+        values = [int(s) for s in seeds["values"]][: seeds["num"]]
+        if min(values) < 0:
+            raise ValueError(f"seeds.values must be seeds >= 0, got {seeds['values']}")
+        if len(set(values)) == 1 and len(values) > 1:
+            raise ValueError(f"seeds.values repeats one seed {len(values)} times: that is one run, not "
+                             f"{len(values)} independent ones ({seeds['values']})")
+        repeated = sorted({v for v in values if values.count(v) > 1})
+        if repeated:  # the authors' sklearn list repeats 94: kept to reproduce it, but said
+            import warnings
+            warnings.warn(f"seeds.values repeats {repeated}: those runs are identical, so the spread over "
+                          f"seeds counts them {len(values) - len(set(values))} more time(s)", stacklevel=2)
+        return values
+    if seeds["start"] < 0:
+        raise ValueError(f"seeds.start must be >= 0, got {seeds['start']}")
     return list(range(seeds["start"], seeds["start"] + seeds["num"]))
 
 
@@ -95,4 +108,12 @@ def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
               ("seeds", lambda: seed_list(cfg["seeds"]))]
     if cfg.get("teacher_model"):
         checks.append(("teacher_model", model(cfg["teacher_model"])))
+
+    def device():
+        import torch
+        if cfg["device"] not in ("cpu", "cuda") and not str(cfg["device"]).startswith("cuda:"):
+            raise ValueError(f"must be cpu, cuda or cuda:N, got {cfg['device']!r}")
+        if str(cfg["device"]).startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"{cfg['device']!r} asked for, but torch sees no CUDA device; use device=cpu")
+    checks.append(("device", device))
     run_checks(checks, prov)

@@ -12,6 +12,7 @@ from typing import Any, Dict, Sequence
 
 from tqdm.auto import tqdm
 
+from ...utils.io import read_json
 from ..runner import save_config, write_json
 from .schema import load_experiment
 from .train import run_setting
@@ -59,7 +60,8 @@ def run_sweep(config_path: str, overrides: Sequence[str], work_dir: Path, progre
             digest = _digest(cfg)
             path = cell_dir / f"{_fmt_shift(v)}__{_digest(label)}.json"
             bar.set_postfix_str(f"{key}={v} {label}")
-            cached = json.loads(path.read_text()) if path.is_file() and not force else None
+            # a cell file a kill truncated: a warning naming it, and the cell is computed again
+            cached = read_json(path, default=None) if not force else None
             if cached and cached.get("digest") == digest:
                 metrics = cached["metrics"]
             else:

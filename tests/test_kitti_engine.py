@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from kitti_common import POINT, QUICK, tiny_overrides
 import torch
 
 from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
@@ -26,8 +27,6 @@ from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
 from pcseg_kd.losses.segmentation import lovasz_softmax  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = str(ROOT / "configs/kitti/quickstart.yaml")
-POINT = "{base_channels: 8, channels: [8, 8, 8, 8, 8, 8, 8, 8], layers: [1, 1, 1, 1, 1, 1, 1, 1], stem_kernel: 3}"
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +36,7 @@ def data_root(tmp_path_factory):
 
 
 def overrides(root, **extra):
-    o = [f"data.train.root={root}", f"data.val.root={root}", "data.synthetic=null",
-         "data.train.sequences=[00]", "data.val.sequences=[08]", "data.num_workers=0",
-         "data.train.voxel_size=[0.2,0.2,0.2]", "data.val.voxel_size=[0.2,0.2,0.2]",
-         f"student.model={POINT}", "teacher.optim.epochs=1", "student.optim.epochs=2",
-         "teacher.optim.max_steps_per_epoch=2", "student.optim.max_steps_per_epoch=2", "log_interval=1",
-         "stages=[teacher,student]", "eval_interval=1"]
-    return o + [f"{k}={v}" for k, v in extra.items()]
+    return tiny_overrides(root, **extra)
 
 
 def test_three_stages_end_to_end_and_rerun_skips(data_root, tmp_path, capsys):

@@ -9,15 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
+from kitti_common import QUICK, tiny_overrides
 import torch
 
 from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = str(ROOT / "configs/kitti/quickstart.yaml")
-POINT = "{base_channels: 8, channels: [8, 8, 8, 8, 8, 8, 8, 8], layers: [1, 1, 1, 1, 1, 1, 1, 1], stem_kernel: 3}"
 needs_spconv = pytest.mark.skipif(not HAVE_SPCONV, reason="spconv is not installed (pip install 'pcseg_kd[spconv]')")
 
 
@@ -28,13 +26,8 @@ def data_root(tmp_path_factory):
 
 
 def overrides(root, **extra):
-    o = [f"data.train.root={root}", f"data.val.root={root}", "data.synthetic=null",
-         "data.train.sequences=[00]", "data.val.sequences=[08]", "data.num_workers=0",
-         "data.train.voxel_size=[0.2,0.2,0.2]", "data.val.voxel_size=[0.2,0.2,0.2]",
-         f"student.model={POINT}", "teacher.optim.epochs=1", "student.optim.epochs=1",
-         "teacher.optim.max_steps_per_epoch=1", "student.optim.max_steps_per_epoch=1", "stages=[teacher,student]",
-         "student.optim.batch_size=1", "teacher.optim.batch_size=1"]
-    return o + [f"{k}={v}" for k, v in extra.items()]
+    return tiny_overrides(root, student_epochs=1, steps=1, **{"student.optim.batch_size": 1,
+                                                              "teacher.optim.batch_size": 1, **extra})
 
 
 def test_a_second_run_on_the_same_work_dir_is_refused(tmp_path):

@@ -14,7 +14,7 @@ from pcseg_kd.registry import DATASETS
 
 BATCH_KEYS = {"batch_size", "frame_ids", "has_labels", "points", "batch_idx", "offsets", "labels",
               "voxel_features", "voxel_coords", "voxel_num_points", "voxel_offsets", "point2voxel",
-              "spatial_shape", "images", "image_hw", "img_point_idx", "img_pixel_vu", "img_batch_idx", "point_index", "num_scan_points",
+              "spatial_shape", "images", "image_hw", "img_point_idx", "img_pixel_vu", "img_batch_idx", "point_index", "num_scan_points", "skipped_frames",
               "img_offsets"}
 
 

@@ -125,3 +125,19 @@ def test_a_skipped_validation_frame_is_not_scored_twice(data_root, tmp_path):
     with pytest.warns(UserWarning, match="skipping bad frame 08/000000"):
         got = [int((ds[i]["labels"] != 255).sum()) for i in range(len(ds))]
     assert got == [0, labelled[1]] and sum(got) == sum(labelled[1:])
+    # the scores say which frame was skipped
+    from pcseg_kd.engine.distributed import DistEnv
+    from pcseg_kd.engine.kitti.data import ShardedBatchSampler, make_loader
+    from pcseg_kd.engine.kitti.evaluate import evaluate
+
+    class Constant(torch.nn.Module):
+        rows = "points"
+
+        def forward(self, batch):
+            return {"logits": torch.zeros(len(batch["labels"]), 19)}
+
+    env = DistEnv()
+    loader = make_loader(ds, ShardedBatchSampler(len(ds), 2, False, 0, env, False), 0, torch.device("cpu"))
+    with pytest.warns(UserWarning, match="skipping bad frame"):
+        metrics = evaluate(Constant(), loader, env, 19, 255, ds.class_names)
+    assert metrics["all"]["skipped_frames"] == ["08/000000"] and metrics["all"]["points"] == labelled[1]

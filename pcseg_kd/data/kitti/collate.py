@@ -48,6 +48,7 @@ def collate_kitti(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         "labels": torch.cat([s["labels"] for s in samples]),
         "point_index": torch.cat([s["point_index"] for s in samples]),
         "num_scan_points": [int(s["num_scan_points"]) for s in samples],
+        "skipped_frames": [s["skipped_frame"] for s in samples if "skipped_frame" in s],
         "voxel_features": torch.cat([s["voxel_features"] for s in samples]),
         "voxel_coords": coords,
         "voxel_num_points": torch.cat([s["voxel_num_points"] for s in samples]),

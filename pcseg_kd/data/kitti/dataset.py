@@ -161,6 +161,8 @@ class SemanticKITTIDataset(Dataset):
                     # here are ignored, so a skipped frame is skipped, not counted twice
                     sample["labels"] = torch.full_like(sample["labels"], self.ignore_index)
                     sample["has_labels"] = False
+                if attempt:
+                    sample["skipped_frame"] = self.frames[index].frame_id  # reported in the scores
                 return sample
             except KittiDataError as err:
                 if not self.skip_bad_frames:

@@ -30,7 +30,9 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
     rows = rows_of(model)
     metrics = {"all": SegmentationIoU(num_classes, ignore_index, class_names),
                "in_view": SegmentationIoU(num_classes, ignore_index, class_names)}
+    skipped: List[str] = []
     for batch in tqdm(loader, desc="val", leave=False, disable=not (progress and env.is_main and sys.stderr.isatty())):
+        skipped += batch.get("skipped_frames", [])
         batch = to_device(batch, env.device)
         out = model(batch)
         pred = out["logits"].argmax(-1)
@@ -48,5 +50,18 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
         all_reduce_sum(m.conf, env)
         if m.conf.sum() > 0:
             out[key] = m.compute()
+    skipped = gather_lists(skipped, env)
+    if skipped:  # bad frames that skip_bad_frames replaced: scored nowhere, said here
+        for key in out:
+            out[key]["skipped_frames"] = sorted(set(skipped))
     model.train(was_training)
     return out
+
+
+def gather_lists(items: List[str], env: DistEnv) -> List[str]:
+    if not env.distributed:
+        return items
+    import torch.distributed as dist
+    parts: List[Any] = [None] * env.world_size
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from kitti_common import POINT, QUICK, tiny_overrides
+from kitti_common import POINT, QUICK, tiny_overrides, tiny_root
 import torch
 
 from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
@@ -31,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from pcseg_kd.data.kitti.testing import tiny_synthetic
-    return tiny_synthetic(tmp_path_factory.mktemp("kitti_engine"), sequences=("00", "08"), frames=4, seed=5)
+    return tiny_root(tmp_path_factory, "kitti_engine", frames=4, seed=5)
 
 
 def overrides(root, **extra):

@@ -4,24 +4,19 @@ pretrained image backbone, and prediction files scored by an independent impleme
 semantic-kitti-api's rules."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
-from kitti_common import QUICK, tiny_overrides
+from kitti_common import QUICK, ROOT, needs_spconv, tiny_overrides, tiny_root
 import torch
 import yaml
 
-from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
 
-ROOT = Path(__file__).resolve().parents[1]
-needs_spconv = pytest.mark.skipif(not HAVE_SPCONV, reason="spconv is not installed (pip install 'pcseg_kd[spconv]')")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from pcseg_kd.data.kitti.testing import tiny_synthetic
-    return tiny_synthetic(tmp_path_factory.mktemp("kitti_protocols"), sequences=("00", "08"), frames=3, seed=4)
+    return tiny_root(tmp_path_factory, "kitti_protocols", frames=3, seed=4)
 
 
 def overrides(root, **extra):

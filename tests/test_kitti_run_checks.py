@@ -10,19 +10,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from kitti_common import QUICK, tiny_overrides
+from kitti_common import QUICK, ROOT, needs_spconv, tiny_overrides, tiny_root
 import torch
 
-from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
 
-ROOT = Path(__file__).resolve().parents[1]
-needs_spconv = pytest.mark.skipif(not HAVE_SPCONV, reason="spconv is not installed (pip install 'pcseg_kd[spconv]')")
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-    from pcseg_kd.data.kitti.testing import tiny_synthetic
-    return tiny_synthetic(tmp_path_factory.mktemp("kitti_run_checks"), sequences=("00", "08"), frames=2, seed=6)
+    return tiny_root(tmp_path_factory, "kitti_run_checks", frames=2, seed=6)
 
 
 def overrides(root, **extra):

@@ -233,11 +233,10 @@ class SemanticKITTIDataset(Dataset):
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for frame in tqdm(self.frames, desc="class counts", disable=not (progress and sys.stderr.isatty())):
-            n = len(read_scan(frame.scan))
-            sem, _ = read_label(frame.label, n)
+            scan = read_scan(frame.scan)
+            sem, _ = read_label(frame.label, len(scan))
             labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
             if self.fov_only:
-                scan = read_scan(frame.scan)
                 proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
                 labels = labels[proj.in_view]
             labels = labels[labels != self.ignore_index]

@@ -66,9 +66,12 @@ def load_model(checkpoint: Path, device: torch.device, model_cfg: Optional[Dict[
                          f"{model_cfg.get('type')!r} in this config: pass the matching --stage")
     trained = (state.get("config") or {}).get("data", {}).get("train")
     if trained and data_cfg:
-        from ...data.kitti.dataset import DEFAULT_POINT_RANGE, DEFAULT_VOXEL_SIZE
-        defaults = {"voxel_size": DEFAULT_VOXEL_SIZE, "point_range": DEFAULT_POINT_RANGE, "out_of_range": "clip",
-                    "fov_only": False, "image_scale": 1.0, "camera": "P2"}
+        import inspect
+
+        from ...data.kitti.dataset import DEFAULT_POINT_RANGE, DEFAULT_VOXEL_SIZE, SemanticKITTIDataset
+        params = inspect.signature(SemanticKITTIDataset).parameters
+        defaults = {k: params[k].default for k in INPUT_KEYS}  # None for the grid: the dataset's defaults
+        defaults.update(voxel_size=DEFAULT_VOXEL_SIZE, point_range=DEFAULT_POINT_RANGE)
         diff = [f"{k}: trained {trained.get(k, defaults[k])}, now {data_cfg.get(k, defaults[k])}" for k in INPUT_KEYS
                 if list(_as_list(trained.get(k, defaults[k]))) != list(_as_list(data_cfg.get(k, defaults[k])))]
         if diff:

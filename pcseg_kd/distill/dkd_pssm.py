@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..registry import DISTILLERS
 from .dkd import DKD
-from .kd_pssm import check_normalize, pssm_row_count
+from .kd_pssm import OmegaStats, check_normalize, pssm_row_count
 from ..losses.pssm import PSSMConfig, pssm_config
 from ..losses.reduce import row_mean
 from .kernels.dispatch import distill_loss
@@ -27,7 +27,7 @@ def pssm_dkd_loss(student_logits: Tensor, teacher_logits: Tensor, target: Tensor
 
 
 @DISTILLERS.register_module("dkd_pssm")
-class DKDPSSM(DKD):
+class DKDPSSM(OmegaStats, DKD):
     def __init__(self, pssm: Optional[Dict[str, Any]] = None, normalize: str = "batch", **dkd: Any):
         super().__init__(**dkd)
         pssm = dict(pssm or {})
@@ -36,6 +36,7 @@ class DKDPSSM(DKD):
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
+        self.record_omega(student_logits, teacher_logits, target, valid)
         per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
                                 self.temperature, "none", self.ignore_index, self.pssm,
                                 backend=self.loss_backend)

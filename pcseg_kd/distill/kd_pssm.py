@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional
 
+import torch
 from torch import Tensor
 
 from ..registry import DISTILLERS
@@ -30,6 +31,38 @@ def pssm_row_count(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
     return ((omega > 0) & valid).sum(-1)
 
 
+class OmegaStats:
+    """Mixin of the PSSM distillers: how many distilled rows got Ω = 1, Ω = 0 or a value in
+    between, counted on the device while :meth:`track_omega` is on and read (one host sync)
+    by :meth:`pop_omega_shares`, e.g. once per epoch. What the SSDH diagnostics report:
+    where the mask switches the teacher off, and how often."""
+
+    omega_counts: Optional[Tensor] = None   # [rows with Ω = 1, rows with Ω = 0, distilled rows]
+    _tracking_omega: bool = False
+
+    def track_omega(self, on: bool = True) -> None:
+        self._tracking_omega = on
+
+    def record_omega(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor) -> None:
+        if not self._tracking_omega:
+            return
+        # computed again (the fused loss keeps Ω in registers): one extra read of both logits
+        omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=self.pssm,
+                             ignore_index=self.ignore_index, backend=self.loss_backend)
+        counts = torch.stack([((omega == 1) & valid).sum(), ((omega == 0) & valid).sum(), valid.sum()])
+        self.omega_counts = counts if self.omega_counts is None else self.omega_counts + counts
+
+    def pop_omega_shares(self) -> Optional[Dict[str, float]]:
+        """Shares of the distilled rows since the last call (None if none were counted); resets."""
+        if self.omega_counts is None:
+            return None
+        one, zero, rows = (int(v) for v in self.omega_counts.tolist())  # the host sync, once per call
+        self.omega_counts = None
+        if rows == 0:
+            return None
+        return {"one": one / rows, "zero": zero / rows, "between": (rows - one - zero) / rows, "rows": rows}
+
+
 def check_normalize(name: str, normalize: str) -> str:
     if normalize not in NORMALIZE:
         raise ValueError(f"{name}.normalize must be 'batch' or 'kept', got {normalize!r}")
@@ -37,7 +70,7 @@ def check_normalize(name: str, normalize: str) -> str:
 
 
 @DISTILLERS.register_module("kd_pssm")
-class KDPSSM(KD):
+class KDPSSM(OmegaStats, KD):
     def __init__(self, pssm: Optional[Dict[str, Any]] = None, apply: str = "logit_scale",
                  normalize: str = "batch", **kd: Any):
         super().__init__(**kd)
@@ -49,6 +82,7 @@ class KDPSSM(KD):
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
+        self.record_omega(student_logits, teacher_logits, target, valid)
         per_row = self.kd_rows(student_logits, teacher_logits, target, self.pssm, self.apply)
         count = pssm_row_count(student_logits, teacher_logits, target, valid, self.pssm,
                                self.normalize, self.ignore_index, self.loss_backend)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 from ..config import CLI, ConfigError, save_config
 
@@ -19,13 +19,17 @@ def import_all() -> None:
     import pcseg_kd.models  # noqa: F401
 
 
-def parse_args(description: str, argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+def parse_args(description: str, argv: Optional[Sequence[str]] = None,
+               extra: Optional[Callable[[argparse.ArgumentParser], None]] = None) -> argparse.Namespace:
+    """The common arguments; ``extra`` adds a tool's own options to the parser."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("config", help="YAML config (may use _base_)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds.num=10 distiller.beta=2")
     p.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--force", action="store_true", help="recompute results that are already in the work dir")
+    if extra is not None:
+        extra(p)
     return p.parse_intermixed_args(argv)  # options may come before, between or after overrides
 
 

@@ -21,8 +21,7 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
     error naming it (it would silently train on other data), not reused."""
     if not spec:
         return
-    from ...data.kitti.synthetic.generate import SyntheticConfig, generate_dataset
-    from ...data.kitti.synthetic.lidar import LidarModel
+    from ...data.kitti.synthetic.generate import generate_dataset, synthetic_config
     from ...utils.io import read_json, write_json
 
     full_spec = dict(spec)
@@ -31,7 +30,7 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
     error = None
     if env.is_main:
         try:
-            lidar = LidarModel(**spec.pop("lidar", {}))
+            config = synthetic_config(spec)
             for root in dict.fromkeys(roots):
                 root = Path(root)
                 if (root / "sequences").is_dir():
@@ -49,7 +48,7 @@ def generate_synthetic_if_missing(roots: List[str], spec: Optional[Dict[str, Any
                     if not _pid_alive(stale.name.removeprefix(".synthetic-")):
                         shutil.rmtree(stale, ignore_errors=True)
                 tmp = root / f".synthetic-{os.getpid()}"
-                generate_dataset(tmp, sequences, SyntheticConfig(lidar=lidar, **spec), progress=sys.stderr.isatty())
+                generate_dataset(tmp, sequences, config, progress=sys.stderr.isatty())
                 try:
                     os.replace(tmp / "sequences", root / "sequences")
                 except OSError:

@@ -176,14 +176,16 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
             return
         import dataclasses
 
-        from ...data.kitti.synthetic.generate import SyntheticConfig
+        from ...data.kitti.synthetic.camera import ImageQuality
+        from ...data.kitti.synthetic.generate import SyntheticConfig, synthetic_config
         from ...data.kitti.synthetic.lidar import LidarModel
-        for cls, given in ((SyntheticConfig, set(spec) - {"sequences"}), (LidarModel, set(spec.get("lidar") or {}))):
+        for cls, given in ((SyntheticConfig, set(spec) - {"sequences"}), (LidarModel, set(spec.get("lidar") or {})),
+                           (ImageQuality, set(spec.get("quality") or {}))):
             known = {f.name for f in dataclasses.fields(cls)}
             if given - known:
                 raise ValueError(f"unknown key(s) {sorted(given - known)}; known: {sorted(known)}")
         spec.pop("sequences", None)
-        SyntheticConfig(lidar=LidarModel(**(spec.pop("lidar", None) or {})), **spec)
+        synthetic_config(spec)
 
     def at_least_zero(key):
         def check():

@@ -73,21 +73,27 @@ def load_teacher(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> n
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights {path} do not exist: run the teacher stage first "
                                 "(stages: [teacher, student]) or set teacher_checkpoint")
+    return load_frozen(path, cfg["teacher"]["model"], device, "teacher.model")
+
+
+def load_frozen(path: Path, configured: Dict[str, Any], device: torch.device, key: str = "model") -> nn.Module:
+    """A trained model (a stage's final.pt, or a bare state_dict of ``configured``), in eval
+    mode with frozen parameters."""
     state = load_checkpoint(path)
     weights = state.get("model", state)  # a final.pt, or a bare state_dict
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-        raise ValueError(f"teacher weights {path}: neither a pcseg_kd final.pt nor a state_dict")
-    stored, configured = state.get("model_cfg"), cfg["teacher"]["model"]
+        raise ValueError(f"weights {path}: neither a pcseg_kd final.pt nor a state_dict")
+    stored = state.get("model_cfg")
     if stored and stored.get("type") != configured.get("type"):
-        raise ValueError(f"teacher weights {path} hold a {stored.get('type')!r} model, but teacher.model is a "
+        raise ValueError(f"weights {path} hold a {stored.get('type')!r} model, but {key} is a "
                          f"{configured.get('type')!r}: point teacher_checkpoint at a teacher's final.pt")
     # the trained weights replace any pretrained backbone: do not read that file again
-    teacher = MODELS.build(without_pretrained(stored or configured))
-    load_weights(teacher, weights, path)
-    teacher.to(device).eval()  # eval for good: BatchNorm statistics stay as trained
-    for p in teacher.parameters():
+    model = MODELS.build(without_pretrained(stored or configured))
+    load_weights(model, weights, path)
+    model.to(device).eval()  # eval for good: BatchNorm statistics stay as trained
+    for p in model.parameters():
         p.requires_grad_(False)
-    return teacher
+    return model
 
 
 def without_pretrained(model_cfg: Any) -> Any:
@@ -196,7 +202,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         if env.is_main:
             print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
             if not (stage_dir / "metrics.json").is_file():  # killed between final.pt and metrics.json
-                write_stage_metrics(stage_dir, state.get("metrics", {}), state.get("history", []))
+                write_stage_metrics(stage_dir, state.get("metrics", {}), state.get("history", []),
+                                    state.get("omega_history", []))
         return StageResult(state.get("metrics", {}), final)
     stage_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])  # the same initialisation on every rank
@@ -210,11 +217,14 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             distiller.build_modules(model.out_channels, teacher.out_channels)
         distiller.to(device)
         broadcast_module(distiller, env)  # outside DDP: start every rank from rank 0's regressors
+        if hasattr(distiller, "track_omega") and distiller.has_kd:
+            distiller.track_omega()  # PSSM's Ω shares per epoch (docs/results_kitti.md)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     opt = build_optimizer(params, o, device)
     sched = build_scheduler(opt, o, steps)
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     history: List[Dict[str, Any]] = []
+    omega_history: List[Dict[str, Any]] = []  # per epoch: shares of the distilled rows with Ω = 1 / 0 / between
 
     start_epoch, start_step, global_step = 1, 0, 0
     pending: Optional[int] = None  # an epoch whose validation a kill interrupted
@@ -230,6 +240,9 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             distiller.load_state_dict(state["distiller"])
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         history = list(state.get("history", []))
+        omega_history = list(state.get("omega_history", []))
+        if distiller is not None and state.get("omega_counts") is not None:
+            distiller.omega_counts = state["omega_counts"].to(device)  # the epoch's counts so far
         pending = state.get("pending_validation")
         set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else None)
         if env.is_main:
@@ -246,7 +259,9 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                    "distiller": distiller.state_dict() if distiller is not None else None,
                                    "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                                    "rng": rngs, "model_cfg": scfg["model"], "fingerprint": fingerprint,
-                                   "history": history, "pending_validation": pending_validation})
+                                   "history": history, "pending_validation": pending_validation,
+                                   "omega_history": omega_history,
+                                   "omega_counts": getattr(distiller, "omega_counts", None)})
         barrier(env)
 
     val_loader = None
@@ -328,6 +343,10 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                              f"not checkpointing it (see {log_path})")
                 checkpoint(epoch, step_in_epoch)
         bar.close()
+        if getattr(distiller, "omega_counts", None) is not None:
+            shares = distiller.pop_omega_shares()  # one host sync per epoch
+            if shares is not None:
+                omega_history = [h for h in omega_history if h["epoch"] != epoch] + [{"epoch": epoch, **shares}]
         if progress and env.is_main and not sys.stderr.isatty():  # a log file: one line per epoch, no \r frames
             print(f"[{stage}] epoch {epoch}/{o.epochs}: {time.perf_counter() - t0:.1f} s", flush=True)
         due = val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs)
@@ -341,15 +360,20 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         validate(o.epochs, 0.0, log=not any(h.get("epoch") == o.epochs for h in history))
     if env.is_main:
         save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
-                                "config": cfg, "fingerprint": fingerprint, "history": history})
-        write_stage_metrics(stage_dir, metrics, history)
+                                "config": cfg, "fingerprint": fingerprint, "history": history,
+                                "omega_history": omega_history})
+        write_stage_metrics(stage_dir, metrics, history, omega_history)
     logger.close()
     barrier(env)
     return StageResult(metrics, final)
 
 
-def write_stage_metrics(stage_dir: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]]) -> None:
-    write_json(stage_dir / "metrics.json", {"final": metrics, "history": history})  # NaN -> null
+def write_stage_metrics(stage_dir: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]],
+                        omega_history: Optional[List[Dict[str, Any]]] = None) -> None:
+    out = {"final": metrics, "history": history}
+    if omega_history:  # PSSM students: the shares of distilled rows with Ω = 1 / 0 / between, per epoch
+        out["omega"] = omega_history
+    write_json(stage_dir / "metrics.json", out)  # NaN -> null
 
 
 def val_record(epoch: int, metrics: Dict[str, Any], seconds: float, global_step: int) -> Dict[str, Any]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -35,6 +35,15 @@ class SyntheticConfig:
     render_scale: float = 0.5        # image rays per pixel side (0.5: render half size, upsample)
     write_images: bool = True
     test_labels: bool = False        # write labels for 11-21 too (the real test set has none)
+
+
+def synthetic_config(spec: Dict[str, Any]) -> SyntheticConfig:
+    """A :class:`SyntheticConfig` from a config's ``data.synthetic`` mapping (nested
+    ``lidar`` and ``quality`` mappings become :class:`LidarModel` / :class:`ImageQuality`)."""
+    spec = {k: v for k, v in spec.items() if k != "sequences"}
+    lidar = LidarModel(**(spec.pop("lidar", None) or {}))
+    quality = ImageQuality(**(spec.pop("quality", None) or {}))
+    return SyntheticConfig(lidar=lidar, quality=quality, **spec)
 
 
 @dataclass

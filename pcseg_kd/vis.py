@@ -131,3 +131,61 @@ def plot_learning_curves(histories: Dict[str, list], out: "Path | str", title: s
     fig.savefig(out)
     plt.close(fig)
     return out
+
+
+OMEGA_COLOURS = {"Ω = 1": (0.10, 0.75, 0.20), "0 < Ω < 1": (1.00, 0.80, 0.00), "Ω = 0": (0.90, 0.10, 0.10)}
+
+
+def render_omega(image01: np.ndarray, pixel_vu: np.ndarray, omega: np.ndarray, labels: np.ndarray,
+                 teacher_pred: np.ndarray, student_pred: np.ndarray, out: "Path | str", title: str = "",
+                 ignore_index: int = 255, point_size: float = 2.0) -> Path:
+    """Three camera views of one frame's in-view points: PSSM's Ω (1 / in between / 0), where
+    the teacher is wrong and where the student is wrong (red; right: green; unlabelled:
+    grey). ``image01``: (H, W, 3) in [0, 1]; ``pixel_vu``: (N, 2) row, column in that image.
+    Where PSSM switches the teacher off should be where the teacher misleads."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    labelled = labels != ignore_index
+    om = np.asarray(omega, np.float64)
+    kind = np.where(om >= 1.0, 0, np.where(om > 0.0, 1, 2))
+    omega_rgb = np.array(list(OMEGA_COLOURS.values()))[kind]
+    omega_rgb[~labelled | np.isnan(om)] = GREY
+
+    def right_wrong(pred):
+        rgb = np.tile(np.array(OMEGA_COLOURS["Ω = 1"]), (len(pred), 1))
+        rgb[pred != labels] = OMEGA_COLOURS["Ω = 0"]
+        rgb[~labelled] = GREY
+        return rgb
+
+    n = max(int(labelled.sum()), 1)
+    shares = {k: 100.0 * float(((kind == i) & labelled & ~np.isnan(om)).sum()) / n for i, k in enumerate(OMEGA_COLOURS)}
+    t_wrong = (teacher_pred != labels) & labelled
+    s_wrong = (student_pred != labels) & labelled
+    off = (kind == 2) & labelled
+    panels = [
+        ("PSSM mask Ω: " + ", ".join(f"{k} {v:.0f} %" for k, v in shares.items()), omega_rgb),
+        (f"teacher wrong (red): {100 * t_wrong.sum() / n:.0f} %, of which PSSM switches off (Ω = 0) "
+         f"{100 * (t_wrong & off).sum() / max(t_wrong.sum(), 1):.0f} %", right_wrong(teacher_pred)),
+        (f"student wrong (red): {100 * s_wrong.sum() / n:.0f} %", right_wrong(student_pred)),
+    ]
+    h, w = image01.shape[:2]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels) * h / max(w, 1) * 3.3 + 0.6),
+                             squeeze=False)
+    for ax, (name, rgb) in zip(axes[:, 0], panels):
+        ax.imshow(np.clip(image01, 0, 1))
+        ax.scatter(pixel_vu[:, 1], pixel_vu[:, 0], c=rgb, s=point_size, linewidths=0)
+        ax.set_title(name, fontsize=9)
+        ax.set_axis_off()
+    axes[0, 0].legend(handles=[Patch(color=c, label=k) for k, c in OMEGA_COLOURS.items()], loc="lower right",
+                      fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

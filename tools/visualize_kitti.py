@@ -5,6 +5,11 @@
     python tools/visualize_kitti.py --root data/semantic_kitti --frame 08/000100 --predictions preds/ --out f.png
     python tools/visualize_kitti.py --root ... --frame ... --predictions preds/ --open3d   # interactive, optional
 
+    python tools/visualize_kitti.py --pair work_dirs/shift_study/students/seed0/fusion-d1-dkd_pssm --frame 08/000004
+
+``--pair CELL`` (a distilled student's work folder, e.g. a shift-study cell): PSSM's mask Ω on
+one validation frame's in-view points over the image the teacher sees, beside where the
+teacher and the student are wrong (the dataset and both models come from CELL/config.yaml).
 Predictions are the files tools/test.py --predictions writes (raw label ids). The PNG needs
 only matplotlib; --open3d needs the optional extra (pip install 'pcseg_kd[vis]').
 A bad input file is one ``error: ...`` line naming it (exit status 1); --debug shows the traceback.
@@ -20,7 +25,8 @@ from pcseg_kd.utils.cli import run_main  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--root", required=True, help="dataset root (holds sequences/)")
+    p.add_argument("--root", default=None, help="dataset root (holds sequences/)")
+    p.add_argument("--pair", default=None, help="a distilled student's work folder: draw PSSM's Ω for --frame")
     p.add_argument("--frame", required=True, help="SS/NNNNNN, e.g. 08/000003")
     p.add_argument("--predictions", default=None, help="folder with sequences/SS/predictions/NNNNNN.label")
     p.add_argument("--out", default=None, help="PNG to write (default: vis_SS_NNNNNN.png)")
@@ -28,6 +34,10 @@ def main(argv=None):
     p.add_argument("--bev-range", type=float, default=50.0, help="half-width of the bird's-eye view, m")
     p.add_argument("--open3d", action="store_true", help="also open an interactive open3d window")
     args = p.parse_args(argv)
+    if args.pair:
+        return draw_omega(args)
+    if not args.root:
+        p.error("--root is required (or --pair)")
 
     from pcseg_kd.data.kitti import LabelMap, lidar_to_image_matrix, read_calib, read_image
     from pcseg_kd.data.kitti.projection import check_image_size
@@ -68,6 +78,53 @@ def main(argv=None):
             print(f"note: {why}")
         else:
             show_open3d(points, panels.get("prediction", panels.get("labels")), lm.train_colors_rgb, args.frame)
+
+
+def draw_omega(args):
+    import numpy as np
+    import torch
+
+    from pcseg_kd.data.kitti.augment import IMAGENET_MEAN, IMAGENET_STD
+    from pcseg_kd.data.kitti.collate import collate_kitti
+    from pcseg_kd.engine.kitti.diagnostics import frame_omega
+    from pcseg_kd.engine.kitti.schema import load_kitti_experiment
+    from pcseg_kd.engine.kitti.train import load_frozen
+    from pcseg_kd.engine.runner import import_all
+    from pcseg_kd.losses.pssm import pssm_config
+    from pcseg_kd.registry import DATASETS
+    from pcseg_kd.vis import render_omega
+
+    import_all()
+    cell = Path(args.pair)
+    cfg_file, student_file = cell / "config.yaml", cell / "student" / "final.pt"
+    for f in (cfg_file, student_file):
+        if not f.is_file():
+            raise SystemExit(f"error: {f} does not exist: --pair must be a trained student's work folder")
+    cfg = load_kitti_experiment(str(cfg_file))
+    if not cfg.get("teacher_checkpoint"):
+        raise SystemExit(f"error: {cfg_file} has no teacher_checkpoint: --pair needs a distilled student")
+    pssm = dict(cfg["distiller"].get("pssm") or {"preset": "reference", "space": "probs"})
+    pssm_cfg = pssm_config(pssm.pop("preset", "reference"), **pssm)
+    val_cfg = dict(cfg["data"]["val"], **({"root": args.root} if args.root else {}))
+    ds = DATASETS.build({**val_cfg, "frame_stride": 1, "max_frames": None})
+    ids = [f.frame_id for f in ds.frames]
+    want = args.frame.replace("/", "_")
+    match = [i for i, fid in enumerate(ids) if fid.replace("/", "_") == want]
+    if not match:
+        raise SystemExit(f"error: --frame {args.frame} is not a validation frame of {val_cfg['root']} "
+                         f"(e.g. {', '.join(ids[:3])})")
+    device = torch.device("cpu")
+    student = load_frozen(student_file, cfg["student"]["model"], device, "student.model")
+    teacher = load_frozen(Path(cfg["teacher_checkpoint"]), cfg["teacher"]["model"], device, "teacher.model")
+    batch = collate_kitti([ds[match[0]]])
+    out = frame_omega(student, teacher, batch, pssm_cfg, ds.ignore_index)
+    image = batch["images"][0].permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
+    png = Path(args.out or f"omega_{cell.name}_{want}.png")
+    render_omega(image, batch["img_pixel_vu"].numpy(), out["omega"].numpy(), out["labels"].numpy(),
+                 out["teacher_pred"].numpy(), out["student_pred"].numpy(), png,
+                 title=f"{cell.name} ({cell.parent.name}), frame {args.frame}", ignore_index=ds.ignore_index)
+    print(f"wrote {png}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,239 @@
+"""The shift study (issue 11): PSSM's Ω shares against a brute-force count, the output CMD
+against a float64 formula, the study's cells and their dependencies, the same LiDAR for
+every degradation, and a tiny study run end to end whose cell, rerun with --cell, gives the
+same figures bitwise (threads: 1)."""
+from __future__ import annotations
+
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from kitti_common import POINT, ROOT, needs_spconv
+
+STUDY = str(ROOT / "configs/kitti/shift_study.yaml")
+
+
+# ----------------------------------------------------------------------------- Ω shares
+def brute_omega(s, t, y, tau=0.996):
+    """Ω of the authors' preset on probabilities, row by row in float64: 1 where the teacher
+    is right, else d = (cos + 1) / 2 if cos >= tau, else 0 (REFERENCE.md §2)."""
+    out = []
+    for si, ti, yi in zip(s.double(), t.double(), y):
+        ps, pt = si.softmax(-1).numpy(), ti.softmax(-1).numpy()
+        cos = ps @ pt / (np.linalg.norm(ps) * np.linalg.norm(pt))
+        out.append(1.0 if int(ti.argmax()) == int(yi) else (0.5 * (cos + 1) if cos >= tau else 0.0))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("method", ["kd_pssm", "dkd_pssm"])
+def test_omega_shares_count_the_distilled_rows(method):
+    from pcseg_kd.registry import DISTILLERS
+    import pcseg_kd.distill  # noqa: F401
+
+    d = DISTILLERS.build({"type": method, "kd_weight": 1.0, "ignore_index": 255,
+                          "pssm": {"preset": "reference", "space": "probs"}})
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(300, 6, generator=g) * 3
+    s = torch.randn(300, 6, generator=g) * 3
+    t[:100] /= 3  # flatter teacher outputs, and students near them: cos >= 0.996 for some, Ω = d < 1
+    s[:100] = t[:100] + 0.2 * torch.randn(100, 6, generator=g)
+    y = torch.randint(0, 6, (300,), generator=g)
+    y[280:] = 255  # unlabelled: not distilled, not counted
+    assert d.pop_omega_shares() is None  # nothing tracked yet
+    d.kd_loss(s, t, y)
+    assert d.omega_counts is None  # tracking is off by default: no extra pass
+    d.track_omega()
+    d.kd_loss(s[:150], t[:150], y[:150])
+    d.kd_loss(s[150:], t[150:], y[150:])  # counts add up over steps
+    shares = d.pop_omega_shares()
+    keep = (y != 255).numpy()
+    ref = brute_omega(s, t, y)[keep]
+    assert not ((ref > 1 - 1e-5) & (ref < 1)).any()  # no row where float32 rounding could decide "Ω = 1"
+    assert shares["rows"] == keep.sum() == 280
+    assert shares["one"] == pytest.approx((ref == 1).mean())
+    assert shares["zero"] == pytest.approx((ref == 0).mean())
+    assert shares["between"] == pytest.approx(((ref > 0) & (ref < 1)).mean())
+    assert 0 < shares["between"] and 0 < shares["zero"] and 0 < shares["one"]  # all three kinds occur
+    assert d.pop_omega_shares() is None  # reset by reading
+
+
+# ----------------------------------------------------------------------------- output CMD
+class Fixed(nn.Module):
+    """A 'model' whose logits are given per batch (rows: in_view or points)."""
+
+    def __init__(self, rows, key):
+        super().__init__()
+        self.rows, self.key = rows, key
+
+    def forward(self, batch):
+        return {"logits": batch[self.key]}
+
+
+def cmd_float64(x, y, k=5):
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mx, my = x.mean(0), y.mean(0)
+    total = np.linalg.norm(mx - my)
+    for order in range(2, k + 1):
+        total += np.linalg.norm(((x - mx) ** order).mean(0) - ((y - my) ** order).mean(0))
+    return total
+
+
+def test_output_cmd_is_the_cmd_of_the_in_view_softmax_outputs():
+    from pcseg_kd.engine.kitti.diagnostics import output_cmd
+
+    g = torch.Generator().manual_seed(1)
+    batches, s_all, t_all = [], [], []
+    for n, m in ((50, 20), (40, 30)):
+        idx = torch.randperm(n, generator=g)[:m]
+        s, t = torch.randn(n, 5, generator=g), torch.randn(m, 5, generator=g) * 2
+        batches.append({"s": s, "t": t, "img_point_idx": idx, "labels": torch.zeros(n, dtype=torch.long)})
+        s_all.append(s[idx].double().softmax(-1).numpy())
+        t_all.append(t.double().softmax(-1).numpy())
+    got = output_cmd(Fixed("points", "s"), Fixed("in_view", "t"), batches, torch.device("cpu"))
+    assert got == pytest.approx(cmd_float64(np.concatenate(s_all), np.concatenate(t_all)), rel=1e-10)
+    same = output_cmd(Fixed("in_view", "t"), Fixed("in_view", "t"), batches, torch.device("cpu"))
+    assert same == 0.0
+    with pytest.raises(ValueError, match="no in-view points"):
+        output_cmd(Fixed("points", "s"), Fixed("in_view", "t"), [], torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- the grid
+def test_cells_train_each_teacher_once_and_the_baseline_once_per_seed(tmp_path):
+    from pcseg_kd.engine.kitti.shift_study import cells, load_study
+    from pcseg_kd.engine.runner import import_all
+    import_all()
+    study = load_study(STUDY)
+    all_cells = cells(study, tmp_path)
+    kinds = [c["kind"] for c in all_cells]
+    assert kinds.count("teacher") == 2 * 3 and kinds.count("baseline") == 3 and kinds.count("student") == 2 * 3 * 4 * 3
+    first_student = kinds.index("student")
+    assert all(k == "teacher" for k in kinds[:6]) and kinds[6:first_student] == ["baseline"] * 3
+    teachers = {c["name"]: c for c in all_cells if c["kind"] == "teacher"}
+    assert all(c["seed"] == 0 and c["cfg"]["stages"] == ["teacher"] for c in teachers.values())
+    for c in all_cells:
+        if c["kind"] == "student":
+            t = teachers[c["needs"][0]]
+            assert (t["teacher"], t["degradation"]) == (c["teacher"], c["degradation"])
+            assert c["cfg"]["teacher_checkpoint"] == str(t["dir"] / "teacher" / "final.pt")
+            assert c["cfg"]["data"]["train"]["root"] == t["cfg"]["data"]["train"]["root"]  # the teacher's images
+            assert c["cfg"]["data"]["train"]["seed"] == c["seed"] == c["cfg"]["seed"]  # augmentation follows the seed
+            assert c["cfg"]["distiller"]["type"] == c["method"]
+        if c["kind"] == "baseline":
+            assert set(c["needs"]) == set(teachers) and c["cfg"]["distiller"]["type"] == "none"
+    roots = {c["cfg"]["data"]["train"]["root"] for c in teachers.values()}
+    assert roots == {f"data/synthetic_kitti_shift_d{d}" for d in ("0", "0.5", "1")}
+    q = {c["cfg"]["data"]["train"]["root"]: c["cfg"]["data"]["synthetic"]["quality"] for c in teachers.values()}
+    assert q["data/synthetic_kitti_shift_d0.5"] == {"degradation": 0.5}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("methods={_delete_: true, kd: []}", "methods must include none"),
+    ("methods.kdd=[]", "unknown: ['kdd']"),
+    ("degradations=[0.0,1.5]", "degradations must be distinct numbers in [0, 1]"),
+    ("seeds=[1,1]", "seeds must be a non-empty list of distinct seeds"),
+    ("teachers={_delete_: true}", "teachers must name at least one teacher"),
+])
+def test_bad_study_configs_are_refused(override, message):
+    from pcseg_kd.config import ConfigError
+    from pcseg_kd.engine.kitti.shift_study import load_study
+    with pytest.raises(ConfigError) as e:
+        load_study(STUDY, [override])
+    assert message in str(e.value)
+
+
+def test_unknown_image_quality_key_is_a_config_error():
+    from pcseg_kd.config import ConfigError
+    from pcseg_kd.engine.kitti.schema import load_kitti_experiment
+    with pytest.raises(ConfigError, match=r"data.synthetic: unknown key\(s\) \['degradaton'\]"):
+        load_kitti_experiment(str(ROOT / "configs/kitti/quickstart.yaml"), ["data.synthetic.quality={degradaton: 1}"])
+
+
+def test_every_degradation_has_the_same_lidar_files(tmp_path):
+    from pcseg_kd.data.kitti.synthetic.generate import generate_dataset, synthetic_config
+    from pcseg_kd.data.kitti.reader import read_scan
+    from pcseg_kd.data.kitti import read_image
+    spec = {"frames": 2, "seed": 3, "render_scale": 0.125, "lidar": {"azimuth_steps": 256}}
+    for d in (0.0, 1.0):
+        generate_dataset(tmp_path / f"d{d}", ["00"], synthetic_config({**spec, "quality": {"degradation": d}}),
+                         progress=False)
+    a, b = tmp_path / "d0.0/sequences/00", tmp_path / "d1.0/sequences/00"
+    for f in ("velodyne/000000.bin", "velodyne/000001.bin", "labels/000001.label", "calib.txt", "poses.txt"):
+        assert (a / f).read_bytes() == (b / f).read_bytes(), f
+    assert len(read_scan(a / "velodyne/000000.bin")) > 1000
+    ia, ib = read_image(a / "image_2/000000.png"), read_image(b / "image_2/000000.png")
+    assert ia.shape == ib.shape and np.abs(ia.astype(float) - ib.astype(float)).mean() > 5  # the images are not
+
+
+# ----------------------------------------------------------------------------- end to end
+TINY = ["data.synthetic={sequences: ['00', '08'], frames: 3, seed: 0, render_scale: 0.125, lidar: {azimuth_steps: 256}}",
+        "data.train.max_frames=null", "data.val.frame_stride=1",
+        "data.train.voxel_size=[0.2,0.2,0.2]", "data.val.voxel_size=[0.2,0.2,0.2]", f"student.model={POINT}",
+        "teacher.optim.epochs=1", "student.optim.epochs=2", "teacher.optim.max_steps_per_epoch=1",
+        "student.optim.max_steps_per_epoch=2", "eval_interval=1"]
+
+
+def tiny_study(tmp_path):
+    q = lambda items: "[" + ", ".join('"' + s.replace('"', '\\"') + '"' for s in items) + "]"  # noqa: E731
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(f"_base_: {STUDY}\nbase: {ROOT / 'configs/kitti/shift_study_cell.yaml'}\n"
+                   f"root: {tmp_path / 'data/r'}\ndegradations: [0.0, 1.0]\nseeds: [0]\n"
+                   "teachers: {_delete_: true, fusion: []}\n"
+                   "methods: {_delete_: true, none: ['distiller={_delete_: true, type: none}'], dkd_pssm: []}\n"
+                   f"overrides: {q(TINY)}\n")
+    return cfg
+
+
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(ROOT / "tools/kitti_table.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=900)
+
+
+@needs_spconv
+def test_a_tiny_study_runs_and_a_cell_rerun_reproduces_it(tmp_path):
+    import json
+    cfg, work = tiny_study(tmp_path), tmp_path / "w"
+    r = run_tool(cfg, "--jobs", "2", "--work-dir", work)
+    assert r.returncode == 0, r.stdout + r.stderr
+    results = json.loads((work / "results.json").read_text())
+    from pcseg_kd.engine.kitti.shift_study import RECORD_KEYS
+    recs = results["records"]
+    assert len(recs) == 2 * 2  # (none, dkd_pssm) x D, one seed; the no-KD record repeated per teacher and D
+    assert all(set(RECORD_KEYS) <= set(rec) for rec in recs)
+    for rec in recs:
+        assert rec["baseline_in_view"] is not None and math.isfinite(rec["output_cmd"]) and rec["output_cmd"] >= 0
+        if rec["method"] == "none":
+            assert rec["student_in_view"] == rec["baseline_in_view"] and rec["omega_one_share"] is None
+        else:
+            assert 0 <= rec["omega_one_share"] <= 1 and 0 <= rec["omega_zero_share"] <= 1
+    assert (work / "shift_study.png").stat().st_size > 1000 and "| fusion | 1 |" in (work / "results.md").read_text()
+    # one cell again from scratch: the same figures, bitwise (threads: 1)
+    cell = work / "students/seed0/fusion-d1-dkd_pssm"
+    before = json.loads((cell / "cell.json").read_text())
+    shutil.rmtree(cell)
+    r = run_tool(cfg, "--work-dir", work, "--cell", "fusion-d1-dkd_pssm", "--seed", "0", "--no-progress")
+    assert r.returncode == 0, r.stdout + r.stderr
+    after = json.loads((cell / "cell.json").read_text())
+    for key in ("in_view", "all", "iou_in_view", "omega_last_epoch", "output_cmd"):
+        assert after[key] == before[key], key
+    assert "fusion-d1-dkd_pssm seed 0: mIoU in view" in r.stdout and "PSSM over the last epoch" in r.stdout
+    r = run_tool(cfg, "--work-dir", work, "--gather")
+    assert r.returncode == 0 and json.loads((work / "results.json").read_text())["records"] == recs
+
+
+def test_cli_errors_name_the_cell_or_the_option(tmp_path):
+    cfg = tiny_study(tmp_path)
+    r = run_tool(cfg, "--work-dir", tmp_path / "w", "--cell", "fusion-d2-kd", "--seed", "0")
+    assert r.returncode == 1 and "is not a cell of this study" in r.stderr and "fusion-d1-dkd_pssm" in r.stderr
+    r = run_tool(cfg, "--work-dir", tmp_path / "w", "--cell", "none")
+    assert r.returncode == 1 and "give --seed" in r.stderr
+    r = run_tool(cfg, "--work-dir", tmp_path / "w", "--gather")
+    assert r.returncode == 1 and "cells are not done" in r.stderr
+    r = run_tool(ROOT / "configs/kitti/table6_quickstart.yaml", "--jobs", "2")
+    assert r.returncode == 1 and "options of a shift-study config" in r.stderr

@@ -14,7 +14,7 @@ SSDH diagnostics: PSSM's Ω shares over the last epoch, the output CMD between t
 student on the in-view validation points). Cells run in separate processes, ``jobs`` side
 by side (one thread each); a killed study resumes cell by cell, and a killed cell inside
 itself. The whole study is gathered into ``results.json`` (one record per cell and seed),
-``results.md`` and ``shift_study.png``.
+``results.md``, ``records.json`` (the records alone) and ``shift_study.png``.
 """
 from __future__ import annotations
 
@@ -326,6 +326,7 @@ def gather(study: Dict[str, Any], work_dir: Path, all_cells: List[Dict[str, Any]
                "summary": summary, "records": records, "cell_seconds_total": total_cell_seconds,
                "wall_seconds_last_run": seconds}
     write_json(work_dir / "results.json", results)
+    write_json(work_dir / "records.json", records)  # what docs/results/kitti_shift_study.json holds
     atomic_write_text(work_dir / "results.md", markdown(study, results))
     plot(study, results, work_dir / "shift_study.png")
     return results

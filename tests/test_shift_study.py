@@ -232,7 +232,7 @@ def test_cli_errors_name_the_cell_or_the_option(tmp_path):
     cfg = tiny_study(tmp_path)
     r = run_tool(cfg, "--work-dir", tmp_path / "w", "--cell", "fusion-d2-kd", "--seed", "0")
     assert r.returncode == 1 and "is not a cell of this study" in r.stderr and "fusion-d1-dkd_pssm" in r.stderr
-    r = run_tool(cfg, "--work-dir", tmp_path / "w", "--cell", "none")
+    r = run_tool(cfg, "seeds=[0,1]", "--work-dir", tmp_path / "w", "--cell", "none")
     assert r.returncode == 1 and "give --seed" in r.stderr
     r = run_tool(cfg, "--work-dir", tmp_path / "w", "--gather")
     assert r.returncode == 1 and "cells are not done" in r.stderr

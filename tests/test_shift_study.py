@@ -238,3 +238,19 @@ def test_cli_errors_name_the_cell_or_the_option(tmp_path):
     assert r.returncode == 1 and "cells are not done" in r.stderr
     r = run_tool(ROOT / "configs/kitti/table6_quickstart.yaml", "--jobs", "2")
     assert r.returncode == 1 and "options of a shift-study config" in r.stderr
+
+
+def test_omega_counts_over_ranks_is_a_copy_and_none_without_tracking():
+    from pcseg_kd.engine.distributed import DistEnv
+    from pcseg_kd.engine.kitti.train import omega_counts_over_ranks
+    from pcseg_kd.registry import DISTILLERS
+    import pcseg_kd.distill  # noqa: F401
+
+    d = DISTILLERS.build({"type": "kd_pssm", "kd_weight": 1.0, "ignore_index": 255})
+    assert omega_counts_over_ranks(d, DistEnv()) is None and omega_counts_over_ranks(None, DistEnv()) is None
+    d.track_omega()
+    assert omega_counts_over_ranks(d, DistEnv()).tolist() == [0, 0, 0]  # tracked, nothing counted yet
+    d.omega_counts = torch.tensor([3, 1, 5])
+    got = omega_counts_over_ranks(d, DistEnv())
+    got += 1
+    assert d.omega_counts.tolist() == [3, 1, 5]  # the distiller's own counts are untouched

@@ -43,6 +43,10 @@ class OmegaStats:
     def track_omega(self, on: bool = True) -> None:
         self._tracking_omega = on
 
+    @property
+    def tracking_omega(self) -> bool:
+        return self._tracking_omega
+
     def record_omega(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor) -> None:
         if not self._tracking_omega:
             return

@@ -31,7 +31,7 @@ def paired_in_view(student: nn.Module, teacher: nn.Module, batch: Dict[str, Any]
     valid = torch.ones(s_logits.shape[0], dtype=torch.bool, device=s_logits.device)
     if "point_valid" in s_out:
         valid = in_view(s_out["point_valid"], s_rows, batch)
-    return {"student": s_logits, "teacher": t_logits, "labels": batch["labels"][batch["img_point_idx"]],
+    return {"student": s_logits, "teacher": t_logits, "labels": in_view(batch["labels"], "points", batch),
             "valid": valid}
 
 

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from ...config import atomic_write_text
 from ...utils.io import read_json, write_json
+from .table import mean_std as stats
 
 METHOD_LABELS = {"none": "no KD", "kd": "KD", "kd_pssm": "KD+PSSM", "dkd": "DKD", "dkd_pssm": "DKD+PSSM"}
 RECORD_KEYS = ("teacher", "degradation", "method", "seed", "student_in_view", "student_all", "baseline_in_view",
@@ -172,28 +173,25 @@ def run_cell(cell: Dict[str, Any], all_cells: List[Dict[str, Any]], study: Dict[
         omega = (stage_metrics.get("omega") or [None])[-1]  # the last epoch's shares
         out["omega_last_epoch"] = omega
         if cell["kind"] == "baseline":  # the no-KD student against every teacher
-            out["output_cmd"] = {f"{c['teacher']}-{d_tag(c['degradation'])}": cell_cmd(cell, c, study)
+            out["output_cmd"] = {f"{c['teacher']}-{d_tag(c['degradation'])}": cell_cmd(cell, c, study, env.device)
                                  for c in all_cells if c["kind"] == "teacher"}
         else:
-            out["output_cmd"] = cell_cmd(cell, by_name[cell["needs"][0]], study)
+            out["output_cmd"] = cell_cmd(cell, by_name[cell["needs"][0]], study, env.device)
     out["seconds"] = time.perf_counter() - t0
     write_json(cell["dir"] / "cell.json", out)
     return out
 
 
-def cell_cmd(student_cell: Dict[str, Any], teacher_cell: Dict[str, Any], study: Dict[str, Any]) -> float:
+def cell_cmd(student_cell: Dict[str, Any], teacher_cell: Dict[str, Any], study: Dict[str, Any],
+             device: "torch.device") -> float:
     """CMD between the student's and the teacher's softmax outputs on the in-view validation
     points of the teacher's D (the student's LiDAR input is the same for every D)."""
-    import torch
-
     from ...registry import DATASETS
     from ..distributed import DistEnv
     from .data import ShardedBatchSampler, make_loader
     from .diagnostics import output_cmd
     from .train import load_frozen
 
-    device = torch.device("cuda") if student_cell["cfg"]["device"] != "cpu" and torch.cuda.is_available() \
-        else torch.device("cpu")
     cfg = teacher_cell["cfg"]
     student = load_frozen(student_cell["dir"] / "student" / "final.pt", student_cell["cfg"]["student"]["model"], device)
     teacher = load_frozen(teacher_cell["dir"] / "teacher" / "final.pt", cfg["teacher"]["model"], device)
@@ -334,13 +332,6 @@ def gather(study: Dict[str, Any], work_dir: Path, all_cells: List[Dict[str, Any]
 
 def study_command(study: Dict[str, Any]) -> str:
     return " ".join(["python tools/kitti_table.py", study["config_path"]] + study["config_overrides"])
-
-
-def stats(values: List[Optional[float]]) -> Dict[str, Any]:
-    vals = [v for v in values if v is not None]
-    mean = sum(vals) / len(vals) if vals else None
-    std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
-    return {"mean": mean, "std": std, "n": len(vals)}
 
 
 def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:

@@ -108,12 +108,17 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
     return results
 
 
-def summarise(by_seed: Dict[int, Optional[float]]) -> Dict[str, Any]:
-    """Mean and sample standard deviation over the seeds that produced a value, and every value."""
-    vals = [v for v in by_seed.values() if v is not None]
+def mean_std(values) -> Dict[str, Any]:
+    """Mean and sample standard deviation (None for fewer than two) of the values that are not None."""
+    vals = [v for v in values if v is not None]
     mean = sum(vals) / len(vals) if vals else None
     std = (sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5 if len(vals) > 1 else None
-    return {"mean": mean, "std": std, "n": len(vals), "by_seed": {str(k): v for k, v in by_seed.items()}}
+    return {"mean": mean, "std": std, "n": len(vals)}
+
+
+def summarise(by_seed: Dict[int, Optional[float]]) -> Dict[str, Any]:
+    """Mean and sample standard deviation over the seeds that produced a value, and every value."""
+    return {**mean_std(by_seed.values()), "by_seed": {str(k): v for k, v in by_seed.items()}}
 
 
 def markdown(table: Dict[str, Any], results: Dict[str, Dict[str, Dict[str, Any]]],

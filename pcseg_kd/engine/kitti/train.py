@@ -241,8 +241,9 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
         history = list(state.get("history", []))
         omega_history = list(state.get("omega_history", []))
-        if distiller is not None and state.get("omega_counts") is not None:
-            distiller.omega_counts = state["omega_counts"].to(device)  # the epoch's counts so far
+        if env.is_main and distiller is not None and state.get("omega_counts") is not None:
+            # the epoch's counts so far, summed over ranks when saved: rank 0 carries them
+            distiller.omega_counts = state["omega_counts"].to(device)
         pending = state.get("pending_validation")
         set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else None)
         if env.is_main:
@@ -253,6 +254,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
 
     def checkpoint(epoch: int, step_in_epoch: int, pending_validation: Optional[int] = None) -> None:
         rngs = _gather_rng(env)
+        omega_counts = omega_counts_over_ranks(distiller, env)
         if env.is_main:
             save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                    "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
@@ -261,7 +263,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                    "rng": rngs, "model_cfg": scfg["model"], "fingerprint": fingerprint,
                                    "history": history, "pending_validation": pending_validation,
                                    "omega_history": omega_history,
-                                   "omega_counts": getattr(distiller, "omega_counts", None)})
+                                   "omega_counts": omega_counts})
         barrier(env)
 
     val_loader = None
@@ -343,7 +345,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                                              f"not checkpointing it (see {log_path})")
                 checkpoint(epoch, step_in_epoch)
         bar.close()
-        if getattr(distiller, "omega_counts", None) is not None:
+        if getattr(distiller, "tracking_omega", False):
+            distiller.omega_counts = omega_counts_over_ranks(distiller, env)
             shares = distiller.pop_omega_shares()  # one host sync per epoch
             if shares is not None:
                 omega_history = [h for h in omega_history if h["epoch"] != epoch] + [{"epoch": epoch, **shares}]
@@ -380,6 +383,17 @@ def val_record(epoch: int, metrics: Dict[str, Any], seconds: float, global_step:
     return {"epoch": epoch, "global_step": global_step, "val": {k: {"miou": v["miou"], "miou_present": v["miou_present"],
                                         "accuracy": v["accuracy"], "points": v["points"]}
                                     for k, v in metrics.items()}, "seconds": seconds}
+
+
+def omega_counts_over_ranks(distiller, env: DistEnv) -> Optional[Tensor]:
+    """A PSSM distiller's Ω counts summed over ranks (a copy; every rank must call this), or
+    None when it does not track them."""
+    if not getattr(distiller, "tracking_omega", False):
+        return None
+    counts = distiller.omega_counts
+    if counts is None:
+        counts = torch.zeros(3, dtype=torch.int64, device=env.device)
+    return all_reduce_sum(counts.clone(), env)
 
 
 def _average_grads(module: nn.Module, env: DistEnv) -> None:

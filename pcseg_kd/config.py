@@ -163,9 +163,13 @@ def atomic_write_text(path: os.PathLike | str, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- validation
-def registry_field(registry: Registry, default: Any = dataclasses.MISSING, **kw):
-    """A schema field holding ``{type: ..., **kwargs}`` for ``registry``."""
-    meta = {"registry": registry}
+def registry_field(registry: Registry, default: Any = dataclasses.MISSING,
+                   engine_keys: Optional[Mapping[str, Any]] = None, **kw):
+    """A schema field holding ``{type: ..., **kwargs}`` for ``registry``.
+
+    ``engine_keys``: {key: type} the engine reads from the section and removes before it
+    builds the object (e.g. a distiller's ``teacher_source``); type-checked, not passed on."""
+    meta = {"registry": registry, "engine_keys": dict(engine_keys or {})}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=meta, **kw)
     if default is None:
@@ -256,7 +260,8 @@ def accepted_params(target: Any):
     return params, hints, takes_any
 
 
-def _validate_registry_section(path: str, section: Any, registry: Registry, prov, errors) -> None:
+def _validate_registry_section(path: str, section: Any, registry: Registry, prov, errors,
+                               engine_keys: Optional[Mapping[str, Any]] = None) -> None:
     if not isinstance(section, Mapping):
         errors.append(f"{_where(prov, path)}: {path}: expected a mapping with a 'type' key, got {section!r}")
         return
@@ -278,12 +283,15 @@ def _validate_registry_section(path: str, section: Any, registry: Registry, prov
         if key == "type":
             continue
         sub = f"{path}.{key}"
+        if engine_keys and key in engine_keys:
+            _check_value(sub, value, engine_keys[key], prov, errors)
+            continue
         if key in injected:
             errors.append(f"{_where(prov, sub)}: {sub}: set by the engine from the data, not by the config")
             continue
         if key not in params:
             if not takes_any:
-                accepted = ", ".join(n for n in params if n not in injected)
+                accepted = ", ".join([n for n in params if n not in injected] + list(engine_keys or ()))
                 errors.append(f"{_where(prov, sub)}: {sub}: unknown key for {registry.name} "
                               f"{kind!r} (accepted: {accepted})")
             continue
@@ -325,7 +333,8 @@ def _validate_dataclass(path: str, data: Any, schema: type, prov, errors) -> dic
                 ann = inner[0]
         if "registry" in f.metadata:
             if value is not None:
-                _validate_registry_section(sub, value, f.metadata["registry"], prov, errors)
+                _validate_registry_section(sub, value, f.metadata["registry"], prov, errors,
+                                           f.metadata.get("engine_keys"))
         elif dataclasses.is_dataclass(ann):
             value = _validate_dataclass(sub, value, ann, prov, errors)
         else:

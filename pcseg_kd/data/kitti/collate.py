@@ -56,6 +56,9 @@ def collate_kitti(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         "point2voxel": p2v,
         "spatial_shape": list(samples[0]["spatial_shape"]),
     }
+    if all("kd_point_idx" in s for s in samples):  # rows of a teacher cache (data/kitti/teacher_cache.py)
+        batch["kd_point_idx"] = torch.cat([s["kd_point_idx"] + pt_off[b] for b, s in enumerate(samples)])
+        batch["teacher_logits"] = torch.cat([s["teacher_logits"] for s in samples])
     if all("image" in s for s in samples):
         h = max(s["image"].shape[1] for s in samples)
         w = max(s["image"].shape[2] for s in samples)

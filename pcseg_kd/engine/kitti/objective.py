@@ -10,7 +10,10 @@ kinds cover the same rows; with ``full`` the student covers the whole scan.
 * baseline (no KD) and student: ``distiller.ce_weight`` x the segmentation loss on the
   student's rows, plus (student only) the distiller's KD term on the in-view rows with a
   voxel, where the teacher speaks. In-view points that fell in no voxel
-  (``out_of_range: drop``) have no student logits and get no KD.
+  (``out_of_range: drop``) have no student logits and get no KD. With a teacher cache
+  (``distiller.teacher_source: cache``) the teacher's rows come in the batch
+  (``kd_point_idx``, ``teacher_logits``): every cached point of the scan, not only the
+  points inside the step's image crop.
 
 The segmentation loss is ``ce · CE + lovasz · Lovász-softmax`` (2DPASS's recipe), CE with
 optional class weights (:mod:`pcseg_kd.losses.class_weights`).
@@ -90,7 +93,13 @@ def student_loss(distiller, seg: SegLoss, s_out: Dict[str, Tensor], t_out: Optio
     point_valid = s_out.get("point_valid")
     labels = labels_for(s_rows, batch, point_valid, seg.ignore_index)
     losses = {"loss_seg": distiller.ce_weight * seg(s_out["logits"], labels)}
-    if t_out is not None and distiller.has_kd:
+    if t_out is None and distiller.has_kd and "teacher_logits" in batch:  # the exported teacher cache
+        if s_rows != "points":
+            raise ValueError("a teacher cache pairs rows by point: the student must predict every point")
+        rows = batch["kd_point_idx"]
+        losses["loss_kd"] = distiller.kd_loss(s_out["logits"][rows], batch["teacher_logits"].float(),
+                                              labels[rows], epoch)
+    elif t_out is not None and distiller.has_kd:
         extras = {}
         if distiller.uses_features:  # logit distillers: no [K, D] gathers per step
             extras = {"student_feats": in_view(s_out["feats"], s_rows, batch),

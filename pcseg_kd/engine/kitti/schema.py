@@ -11,7 +11,7 @@ says which points the student sees: ``fov`` (the authors': in-view points only) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -100,7 +100,10 @@ class KittiExperimentConfig:
     teacher_checkpoint: Optional[str] = None   # use these teacher weights instead of training the teacher
     student: StageConfig = field(default_factory=StageConfig)   # the baseline stage uses it too
     protocol: str = "full"          # "fov": the student sees in-view points only (authors); "full": 2DPASS
-    distiller: Dict[str, Any] = registry_field(DISTILLERS)
+    # besides the distiller's own keys: teacher_source (online: run the frozen teacher each
+    # step; cache: read its exported logits) and teacher_cache (default WORK/teacher_cache)
+    distiller: Dict[str, Any] = registry_field(DISTILLERS, engine_keys={
+        "teacher_source": Literal["online", "cache"], "teacher_cache": Optional[str]})
     stages: List[str] = field(default_factory=lambda: ["teacher", "student"])
     eval_interval: int = 1          # epochs between validations (the last epoch is always validated)
     log_interval: int = 20          # steps between logged losses (the only host syncs of a step)
@@ -125,6 +128,13 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
                     raise ConfigError(f"{path}: data.{split}.fov_only contradicts protocol: {out['protocol']} "
                                       "(leave fov_only unset; the protocol sets it)")
                 out["data"][split]["fov_only"] = out["protocol"] == "fov"
+    def distiller():
+        from .export import without_engine_keys
+        built = DISTILLERS.build(without_engine_keys(out["distiller"]))
+        if out["distiller"].get("teacher_source") == "cache" and built.uses_features:
+            raise ValueError(f"teacher_source: cache holds the teacher's logits only; {out['distiller']['type']!r} "
+                             "distils features: use teacher_source: online")
+
     def model(section):
         # built on the meta device: the constructor's checks run, no weights are allocated
         def build():
@@ -135,7 +145,7 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     checks = [("student.model", model(out["student"]["model"])),
               ("student.optim", lambda: KittiOptimConfig(**out["student"]["optim"])),
               ("student.loss", lambda: SegLossConfig(**out["student"]["loss"])),
-              ("distiller", lambda: DISTILLERS.build(out["distiller"]))]
+              ("distiller", distiller)]
     if "teacher" in out["stages"] and not out.get("teacher_checkpoint"):
         checks += [("teacher.model", model(out["teacher"]["model"])),
                    ("teacher.optim", lambda: KittiOptimConfig(**out["teacher"]["optim"])),

@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -26,10 +26,13 @@ from torch import Tensor, nn
 from ...utils.io import write_json
 from ...registry import DATASETS, DISTILLERS, MODELS
 from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from ..distributed import DistEnv, all_reduce_sum, barrier, broadcast_module
+from ...data.kitti.teacher_cache import (TeacherCache, TeacherCacheDataset, TeacherCacheError, complete_chunks,
+                                         num_chunks, read_meta)
+from ..distributed import DistEnv, all_reduce_sum, barrier, broadcast_module, broadcast_object
 from ..loggers import StageLogger
 from .data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
 from .evaluate import evaluate
+from .export import cache_fingerprint, export_teacher, teacher_source, teacher_weights_path, without_engine_keys
 from .objective import SegLoss, rows_of, student_loss, teacher_loss
 
 class ResumeMismatch(ValueError):
@@ -139,9 +142,15 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
     if stage == "teacher":
         fp["loss_weights"] = cfg["teacher"].get("loss_weights") or {}
     else:
-        fp["distiller"] = stage_distiller_cfg(stage, cfg)
+        # where a cache lies is not what the student depends on: its fingerprint is
+        fp["distiller"] = {k: v for k, v in stage_distiller_cfg(stage, cfg).items() if k != "teacher_cache"}
         if distiller.has_kd:
-            fp["teacher"] = teacher_fingerprint(cfg, work_dir)
+            source, cache = teacher_source(cfg, work_dir)
+            if source == "cache":
+                fp["teacher"] = (read_meta(cache)["fingerprint"] if (cache / "meta.json").is_file()
+                                 else cache_fingerprint(cfg, work_dir))
+            else:
+                fp["teacher"] = teacher_fingerprint(cfg, work_dir)
     return fp
 
 
@@ -168,8 +177,11 @@ def check_fingerprint(path: Path, saved: Optional[Dict[str, Any]], now: Dict[str
 
 
 def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds,
-                progress: bool = True, class_weights: Optional[Dict[str, Tensor]] = None) -> StageResult:
-    """``class_weights``: {section: [C] weights} for sections whose loss asks for them."""
+                progress: bool = True, class_weights: Optional[Dict[str, Tensor]] = None,
+                on_step: Optional[Callable[[int], None]] = None) -> StageResult:
+    """``class_weights``: {section: [C] weights} for sections whose loss asks for them;
+    ``on_step(global_step)`` is called after every optimiser step (benchmarks time steps
+    with it)."""
     from tqdm import tqdm
 
     scfg, o = cfg[model_section(stage)], cfg[model_section(stage)]["optim"]
@@ -188,7 +200,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                          f"process on {env.world_size} process(es): lower {stage}.optim.batch_size")
     distiller = None
     if stage != "teacher":
-        distiller = DISTILLERS.build({**stage_distiller_cfg(stage, cfg), "ignore_index": train_ds.ignore_index})
+        distiller = DISTILLERS.build({**without_engine_keys(stage_distiller_cfg(stage, cfg)),
+                                      "ignore_index": train_ds.ignore_index})
     loss_cfg = scfg.get("loss") or {}
     seg = SegLoss(ce=loss_cfg.get("ce", 1.0), lovasz=loss_cfg.get("lovasz", 0.0),
                   class_weights=(class_weights or {}).get(model_section(stage)),
@@ -212,7 +225,11 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     rows = rows_of(model)
     teacher = None
     if distiller is not None:
-        if distiller.has_kd:  # the no-KD baseline needs no teacher
+        if distiller.has_kd and teacher_source(cfg, work_dir)[0] == "cache":
+            # the teacher's rows come with each sample: no teacher in the step
+            cache = ensure_teacher_cache(cfg, work_dir, env, train_ds, progress)
+            train_ds = TeacherCacheDataset(train_ds, cache)
+        elif distiller.has_kd:  # the no-KD baseline needs no teacher
             teacher = load_teacher(cfg, work_dir, device)
             distiller.build_modules(model.out_channels, teacher.out_channels)
         distiller.to(device)
@@ -325,6 +342,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             sched.step()
             global_step += 1
             bar.update(1)
+            if on_step is not None:
+                on_step(global_step)
             if global_step % cfg["log_interval"] == 0 or step_in_epoch == steps:
                 # averaged over ranks, so every rank sees the same values (and stops together
                 # on a non-finite loss instead of leaving the others in a collective)
@@ -369,6 +388,31 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     logger.close()
     barrier(env)
     return StageResult(metrics, final)
+
+
+def ensure_teacher_cache(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, train_ds,
+                         progress: bool = True) -> TeacherCache:
+    """The run's teacher cache, checked against the run; exported first (or finished, when
+    a killed export left it incomplete) when the run has the teacher's weights."""
+    _, path = teacher_source(cfg, work_dir)
+    expected = cache_fingerprint(cfg, work_dir, device=env.device)  # None: no teacher weights here
+    complete = None
+    if env.is_main:  # decided once: every rank must take part in an export or none
+        complete = (path / "meta.json").is_file() and \
+            len(complete_chunks(path, read_meta(path))) == num_chunks(read_meta(path))
+    complete = broadcast_object(complete, env)
+    if not complete:
+        if expected is None:
+            raise TeacherCacheError(f"{path}: no complete teacher cache, and no teacher weights "
+                                    f"({teacher_weights_path(cfg, work_dir)}) to export one from: train the "
+                                    "teacher stage, set teacher_checkpoint, or point distiller.teacher_cache "
+                                    "at a complete cache")
+        if env.is_main:
+            print(f"[student] exporting the teacher's logits to {path} (distiller.teacher_source: cache)", flush=True)
+        export_teacher(cfg, work_dir, env, path, progress=progress)
+    cache = TeacherCache(path)
+    cache.check_run([f.frame_id for f in train_ds.frames], train_ds.num_classes, train_ds.class_names, expected)
+    return cache
 
 
 def write_stage_metrics(stage_dir: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]],

@@ -1,0 +1,230 @@
+"""The teacher-output cache: a teacher's per-point logits for every scan, written once and
+read by the student stage instead of running the teacher each step.
+
+Format (version 1), a folder ``CACHE/``::
+
+    meta.json                    format, version, num_classes, class_names, logits dtype,
+                                 chunk_frames, frames (every frame id, in order), fingerprint
+    chunk_00000.json             the chunk's frames, row offsets and scan sizes (written last:
+                                 a chunk is complete when its .json exists)
+    chunk_00000.logits.npy       [R, C] float16: one row per cached point of the chunk's scans
+    chunk_00000.point_index.npy  [R] int32: each row's point index in its scan's .bin file
+
+Chunk ``k`` holds frames ``k·chunk_frames .. (k+1)·chunk_frames - 1`` of ``meta.frames``;
+in ``chunk_k.json``, ``frames[i]``'s rows are ``offsets[i]:offsets[i+1]`` (ascending,
+distinct point indices) and ``num_scan_points[i]`` is the number of points in its .bin.
+Plain ``.npy`` files, so any teacher that can write numpy arrays can be distilled, and the
+student reads one scan's rows through a memory map without reading the chunk.
+
+Rows are keyed by the raw point index, which point augmentations (rotation, flips, scaling,
+jitter) do not change: a training sample's row ``i`` pairs with the cached row of
+``point_index[i]`` exactly, whatever was drawn for it that epoch. ``fingerprint`` says
+what produced the logits (``teacher``: the teacher's settings and weights; ``inputs``: the
+dataset settings it saw); a cache that does not match the run is refused, naming the file.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ...utils.io import atomic_write, read_json, write_json
+
+FORMAT = "pcseg_kd.teacher_cache"
+VERSION = 1
+
+
+class TeacherCacheError(ValueError):
+    """A teacher cache that is missing, incomplete or does not match the run (names the file)."""
+
+
+def chunk_stem(root: Path, k: int) -> Path:
+    return Path(root) / f"chunk_{k:05d}"
+
+
+def new_meta(frames: Sequence[str], num_classes: int, class_names: Sequence[str], fingerprint: Dict[str, Any],
+             chunk_frames: int) -> Dict[str, Any]:
+    if not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
+        raise ValueError(f"chunk_frames must be a whole number >= 1, got {chunk_frames!r}")
+    return {"format": FORMAT, "version": VERSION, "num_classes": int(num_classes),
+            "class_names": list(class_names), "logits_dtype": "float16", "chunk_frames": chunk_frames,
+            "frames": list(frames), "fingerprint": fingerprint}
+
+
+def num_chunks(meta: Dict[str, Any]) -> int:
+    return -(-len(meta["frames"]) // meta["chunk_frames"])
+
+
+def chunk_frames_of(meta: Dict[str, Any], k: int) -> List[str]:
+    n = meta["chunk_frames"]
+    return meta["frames"][k * n:(k + 1) * n]
+
+
+def write_chunk(root: Path, k: int, frames: Sequence[str], logits: Sequence[np.ndarray],
+                point_index: Sequence[np.ndarray], num_scan_points: Sequence[int]) -> None:
+    """Write chunk ``k`` of a cache: per frame ``[R_i, C]`` logits (stored as float16) and
+    ``[R_i]`` point indices (sorted here). The arrays go first, the .json last and each
+    atomically, so a killed writer leaves the chunk incomplete, never wrong."""
+    stem = chunk_stem(root, k)
+    rows, idx, offsets = [], [], [0]
+    for f, lg, pi, n in zip(frames, logits, point_index, num_scan_points):
+        pi = np.asarray(pi, dtype=np.int64)
+        order = np.argsort(pi, kind="stable")
+        pi = pi[order]
+        if len(pi) and (pi[0] < 0 or pi[-1] >= n or (np.diff(pi) == 0).any()):
+            raise ValueError(f"{f}: point indices must be distinct and in [0, {n})")
+        rows.append(np.asarray(lg, dtype=np.float16)[order])
+        idx.append(pi.astype(np.int32))
+        offsets.append(offsets[-1] + len(pi))
+    num_classes = rows[0].shape[1] if rows else 0
+    atomic_write(f"{stem}.logits.npy", lambda fh: np.save(fh, np.concatenate(rows) if rows else
+                                                         np.zeros((0, num_classes), np.float16)), binary=True)
+    atomic_write(f"{stem}.point_index.npy", lambda fh: np.save(fh, np.concatenate(idx) if idx else
+                                                              np.zeros(0, np.int32)), binary=True)
+    write_json(f"{stem}.json", {"frames": list(frames), "offsets": offsets,
+                                "num_scan_points": [int(n) for n in num_scan_points]})
+
+
+def read_meta(root: Path) -> Dict[str, Any]:
+    path = Path(root) / "meta.json"
+    if not path.is_file():
+        raise TeacherCacheError(f"{path}: no teacher cache here (export one with tools/export_teacher.py CONFIG)")
+    try:
+        meta = read_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise TeacherCacheError(f"{path}: not a teacher cache's meta.json ({e})") from e
+    missing = [k for k in ("format", "version", "num_classes", "class_names", "chunk_frames", "frames",
+                           "fingerprint") if k not in meta]
+    if missing or meta.get("format") != FORMAT:
+        raise TeacherCacheError(f"{path}: not a {FORMAT} meta.json (missing {missing or ['format']})")
+    if meta["version"] != VERSION:
+        raise TeacherCacheError(f"{path}: format version {meta['version']}, this pcseg_kd reads {VERSION}")
+    return meta
+
+
+def complete_chunks(root: Path, meta: Dict[str, Any]) -> List[int]:
+    """The chunks whose three files are there (a killed export leaves the others to redo)."""
+    return [k for k in range(num_chunks(meta)) if all(
+        Path(f"{chunk_stem(root, k)}{ext}").is_file() for ext in (".json", ".logits.npy", ".point_index.npy"))]
+
+
+@dataclass
+class FrameRows:
+    chunk: int
+    start: int
+    end: int
+    num_scan_points: int
+
+
+class TeacherCache:
+    """A complete cache opened for reading: ``rows(frame_id)`` -> (point_index, logits)."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        self.num_classes = self.meta["num_classes"]
+        done = set(complete_chunks(self.root, self.meta))
+        todo = [k for k in range(num_chunks(self.meta)) if k not in done]
+        if todo:
+            raise TeacherCacheError(f"{self.root}: incomplete teacher cache, {len(todo)} of {num_chunks(self.meta)} "
+                                    f"chunks missing (first: {chunk_stem(self.root, todo[0]).name}.json); "
+                                    "run tools/export_teacher.py again to finish it")
+        self.index: Dict[str, FrameRows] = {}
+        self._chunk_rows: Dict[int, int] = {}
+        for k in range(num_chunks(self.meta)):
+            path = Path(f"{chunk_stem(self.root, k)}.json")
+            chunk = read_json(path)
+            if chunk.get("frames") != chunk_frames_of(self.meta, k) or len(chunk.get("offsets", [])) != \
+                    len(chunk["frames"]) + 1:
+                raise TeacherCacheError(f"{path}: its frames do not match chunk {k} of {self.root / 'meta.json'}")
+            self._chunk_rows[k] = chunk["offsets"][-1]
+            for i, f in enumerate(chunk["frames"]):
+                self.index[f] = FrameRows(k, chunk["offsets"][i], chunk["offsets"][i + 1],
+                                          chunk["num_scan_points"][i])
+        self._arrays: Dict[int, Any] = {}  # opened lazily: memory maps must not cross a fork
+
+    def _chunk(self, k: int):
+        if k not in self._arrays:
+            stem = chunk_stem(self.root, k)
+            logits = np.load(f"{stem}.logits.npy", mmap_mode="r")
+            index = np.load(f"{stem}.point_index.npy", mmap_mode="r")
+            total = self._chunk_rows[k]
+            if logits.shape != (total, self.num_classes) or index.shape != (total,):
+                raise TeacherCacheError(f"{stem}.logits.npy / .point_index.npy: shapes {logits.shape} / {index.shape}, "
+                                        f"{stem.name}.json says {total} rows of {self.num_classes} classes")
+            self._arrays[k] = (index, logits)
+        return self._arrays[k]
+
+    def rows(self, frame_id: str, num_scan_points: int):
+        """(point_index [R] int64, logits [R, C] float16) of ``frame_id``, whose .bin must
+        hold ``num_scan_points`` points."""
+        where = self.index.get(frame_id)
+        if where is None:
+            raise TeacherCacheError(f"{self.root / 'meta.json'}: no rows for frame {frame_id}")
+        if where.num_scan_points != num_scan_points:
+            raise TeacherCacheError(f"{chunk_stem(self.root, where.chunk)}.json: frame {frame_id} was cached with "
+                                    f"{where.num_scan_points} points, its scan now has {num_scan_points}: "
+                                    "the cache belongs to another dataset; export it again")
+        index, logits = self._chunk(where.chunk)
+        return (np.asarray(index[where.start:where.end], dtype=np.int64),
+                np.asarray(logits[where.start:where.end]))
+
+    def check_run(self, frames: Sequence[str], num_classes: int, class_names: Sequence[str],
+                  fingerprint: Optional[Dict[str, Any]] = None) -> None:
+        """Refuse a cache that cannot serve this run: frames it lacks, another label set, or
+        (when the run knows its teacher) another teacher or other teacher inputs."""
+        path = self.root / "meta.json"
+        missing = [f for f in frames if f not in self.index]
+        if missing:
+            raise TeacherCacheError(f"{path}: {len(missing)} training frame(s) are not in the cache "
+                                    f"(first: {missing[0]}); export it for this training set")
+        if self.num_classes != num_classes or list(self.meta["class_names"]) != list(class_names):
+            raise TeacherCacheError(f"{path}: {self.num_classes} classes {self.meta['class_names'][:3]}..., the "
+                                    f"student has {num_classes} {list(class_names)[:3]}...")
+        if fingerprint is not None:
+            saved = self.meta["fingerprint"]
+            diff = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
+            if diff:
+                detail = "; ".join(_first_difference(saved.get(k), fingerprint.get(k), k) for k in diff)
+                raise TeacherCacheError(f"{path}: the cache was exported from another teacher or other inputs "
+                                        f"({detail}): export it again (tools/export_teacher.py) or point "
+                                        "distiller.teacher_cache elsewhere")
+
+
+def _first_difference(saved: Any, now: Any, key: str) -> str:
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for k in sorted(set(saved) | set(now)):
+            if saved.get(k) != now.get(k):
+                return _first_difference(saved.get(k), now.get(k), f"{key}.{k}")
+    return f"{key}: cached {saved!r}, now {now!r}"
+
+
+class TeacherCacheDataset(torch.utils.data.Dataset):
+    """A training dataset whose samples also carry the cached teacher's rows:
+    ``kd_point_idx [K]`` (the sample's rows that have cached logits) and
+    ``teacher_logits [K, C]`` float16 in that order. Everything else is the dataset's."""
+
+    def __init__(self, dataset, cache: TeacherCache):
+        self.dataset, self.cache = dataset, cache
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getattr__(self, name: str):  # frames, ignore_index, set_epoch, label_counts, ...
+        if name in ("dataset", "cache"):
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, index: int) -> Dict[str, Any]:
+        sample = self.dataset[index]
+        cached_idx, logits = self.cache.rows(sample["frame_id"], int(sample["num_scan_points"]))
+        point_index = sample["point_index"].numpy()
+        pos = np.searchsorted(cached_idx, point_index).clip(max=max(len(cached_idx) - 1, 0))
+        hit = (cached_idx[pos] == point_index) if len(cached_idx) else np.zeros(len(point_index), bool)
+        sample["kd_point_idx"] = torch.from_numpy(np.flatnonzero(hit))
+        sample["teacher_logits"] = torch.from_numpy(np.ascontiguousarray(logits[pos[hit]]))
+        return sample

@@ -354,11 +354,13 @@ def test_cli_generates_the_synthetic_default_and_trains(tmp_path):
 
 
 def test_torchrun_two_cpu_processes(data_root, tmp_path):
-    """DDP over Gloo with two processes: both ranks train their shard, rank 0 writes."""
+    """DDP over Gloo with two processes: both ranks train their shard, rank 0 writes; with
+    synchronized BatchNorm (its equivalence to one process: tests/test_sync_bn.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "tools/train.py"), QUICK, "--work-dir", str(tmp_path / "w"), "--no-progress",
-           *overrides(data_root, threads=1, **{"student.optim.batch_size": 1, "teacher.optim.batch_size": 1}),
+           *overrides(data_root, threads=1, sync_bn="true",
+                      **{"student.optim.batch_size": 1, "teacher.optim.batch_size": 1}),
            "distiller={_delete_: true, type: fitnet, kd_weight: 0.5}"]  # a distiller with its own parameters, outside DDP
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -371,6 +373,10 @@ def test_torchrun_two_cpu_processes(data_root, tmp_path):
     val = DATASETS.build(cfg["data"]["val"])
     labelled = sum(int((val[i]["labels"] != 255).sum()) for i in range(len(val)))
     assert metrics["student"]["all"]["points"] == labelled
+    final = torch.load(tmp_path / "w" / "student" / "final.pt", weights_only=False)
+    assert final["fingerprint"]["sync_bn"] is True
+    from pcseg_kd.registry import MODELS
+    MODELS.build(final["model_cfg"]).load_state_dict(final["model"])   # a plain-BatchNorm model takes it
 
 
 def _broadcast_worker(rank, init_file, out_dir):

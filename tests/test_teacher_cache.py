@@ -260,3 +260,17 @@ def test_export_cli(data_root, teacher_pt, tmp_path):
     shutil.rmtree(tmp_path / "teacher_cache")
     bad = subprocess.run(args[:-3] + ["--batch-size", "0"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "error: --batch-size must be >= 1" in bad.stderr
+
+
+def test_bench_distill_runs_the_three_steps_and_ends_with_the_ratio(data_root, tmp_path):
+    """The benchmark's plumbing (figures are not asserted: timings belong to benchmarks)."""
+    args = [sys.executable, str(ROOT / "tools/bench_distill.py"), QUICK, *tiny_overrides(data_root),
+            "--steps", "2", "--warmup", "1", "--work-dir", str(tmp_path), "--no-progress"]
+    out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    for name in ("no KD", "online teacher", "teacher cache", "export"):
+        assert any(line.strip().startswith(name) for line in lines), name
+    assert lines[-1].startswith("cache/no-KD step ratio: ") and float(lines[-1].split(": ")[1]) > 0
+    again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)   # a second run measures again
+    assert again.returncode == 0 and again.stdout.strip().splitlines()[-1].startswith("cache/no-KD")

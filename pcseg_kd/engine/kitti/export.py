@@ -94,8 +94,10 @@ def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher: Optional[tor
 
 
 def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optional[Path] = None,
-                   chunk_frames: int = 64, batch_size: int = 1, progress: bool = True) -> Dict[str, Any]:
-    """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder).
+                   chunk_frames: int = 64, batch_size: int = 1, progress: bool = True,
+                   num_workers: Optional[int] = None) -> Dict[str, Any]:
+    """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder);
+    ``num_workers``: loader processes (default: ``data.num_workers``, at least 1).
     Returns {frames, chunks, written, rows, bytes, seconds}; the written chunks' figures
     are this rank's."""
     from tqdm import tqdm
@@ -136,25 +138,29 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     rows = written_bytes = 0
     bar = tqdm(total=sum(len(tc.chunk_frames_of(meta, k)) for k in todo), desc="export teacher", unit="scan",
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
+    # one loader over every scan still to do, in chunk order (its workers start once, and
+    # at least one, so that reading the next scan overlaps the teacher's forward pass)
+    indices = [i for k in todo for i in range(k * chunk_frames, k * chunk_frames + len(tc.chunk_frames_of(meta, k)))]
+    workers = max(1, cfg["data"]["num_workers"]) if num_workers is None else num_workers
+    loader = DataLoader(Subset(ds, indices), batch_size=batch_size, collate_fn=collate_kitti, num_workers=workers,
+                        pin_memory=device.type == "cuda")
+    pending = iter(todo)
+    k, buffer = None, ([], [], [])  # the chunk being filled: logits, point indices, scan sizes
     with torch.no_grad():
-        for k in todo:
-            first = k * chunk_frames
-            indices = list(range(first, first + len(tc.chunk_frames_of(meta, k))))
-            logits: List[Any] = []
-            point_index: List[Any] = []
-            sizes: List[int] = []
-            loader = DataLoader(Subset(ds, indices), batch_size=batch_size, collate_fn=collate_kitti,
-                                num_workers=cfg["data"]["num_workers"], pin_memory=device.type == "cuda")
-            for batch in loader:
-                got = _teacher_rows(teacher, to_device(batch, device), use_amp)
-                logits += got[0]
-                point_index += got[1]
-                sizes += batch["num_scan_points"]
-                bar.update(batch["batch_size"])
-            tc.write_chunk(out, k, tc.chunk_frames_of(meta, k), logits, point_index, sizes)
-            rows += sum(len(p) for p in point_index)
-            written_bytes += sum(Path(f"{tc.chunk_stem(out, k)}{e}").stat().st_size
-                                 for e in (".json", ".logits.npy", ".point_index.npy"))
+        for batch in loader:
+            got = _teacher_rows(teacher, to_device(batch, device), use_amp)
+            for scan in zip(*got, batch["num_scan_points"]):
+                if k is None:
+                    k = next(pending)
+                for part, value in zip(buffer, scan):
+                    part.append(value)
+                if len(buffer[0]) == len(tc.chunk_frames_of(meta, k)):
+                    tc.write_chunk(out, k, tc.chunk_frames_of(meta, k), *buffer)
+                    rows += sum(len(p) for p in buffer[1])
+                    written_bytes += sum(Path(f"{tc.chunk_stem(out, k)}{e}").stat().st_size
+                                         for e in (".json", ".logits.npy", ".point_index.npy"))
+                    k, buffer = None, ([], [], [])
+            bar.update(batch["batch_size"])
     bar.close()
     barrier(env)
     return {"cache": str(out), "frames": len(meta["frames"]), "chunks": tc.num_chunks(meta), "written": len(todo),

@@ -112,6 +112,7 @@ class KittiExperimentConfig:
     seed: int = 0
     device: str = "auto"            # "auto" | "cuda" | "cpu"
     threads: int = 0                # torch intra-op threads; 0 = torch default
+    sync_bn: bool = False           # torchrun: BatchNorm statistics over the global batch (docs/training_kitti.md)
 
 
 def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:

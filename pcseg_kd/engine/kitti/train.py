@@ -30,6 +30,7 @@ from ...data.kitti.teacher_cache import (TeacherCache, TeacherCacheDataset, Teac
                                          num_chunks, read_meta)
 from ..distributed import DistEnv, all_reduce_sum, barrier, broadcast_module, broadcast_object
 from ..loggers import StageLogger
+from ..sync_bn import convert_sync_batchnorm
 from .data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
 from .evaluate import evaluate
 from .export import cache_fingerprint, export_teacher, teacher_source, teacher_weights_path, without_engine_keys
@@ -139,6 +140,8 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
     fp = {"model": section["model"], "optim": section["optim"], "loss": section.get("loss"),
           "train": cfg["data"]["train"], "seed": cfg["seed"], "amp": use_amp, "threads": cfg["threads"],
           "world_size": env.world_size, "steps_per_epoch": steps}
+    if cfg.get("sync_bn"):  # only when set: checkpoints written before the option still resume
+        fp["sync_bn"] = True
     if stage == "teacher":
         fp["loss_weights"] = cfg["teacher"].get("loss_weights") or {}
     else:
@@ -222,6 +225,10 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     torch.manual_seed(cfg["seed"])  # the same initialisation on every rank
 
     model = MODELS.build(scfg["model"]).to(device)
+    if cfg.get("sync_bn") and env.distributed:
+        # BatchNorm statistics over the global batch (spconv's BatchNorm1d too: over every
+        # rank's active voxels); before the optimiser and DDP, which keep the same tensors
+        model = convert_sync_batchnorm(model)
     rows = rows_of(model)
     teacher = None
     if distiller is not None:

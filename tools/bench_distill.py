@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""What distillation costs on top of training: student-stage step time with no KD, with the
+online teacher and with the exported teacher cache, and the export itself.
+
+    python tools/bench_distill.py configs/kitti/quickstart.yaml
+    python tools/bench_distill.py configs/kitti_fusion_pssm.yaml data.train.root=data/synthetic_kitti_quickstart \\
+        data.train.sequences=[00] data.num_workers=0 --steps 4      # full-size models on the synthetic scans
+
+All three runs go through the training loop itself (``train_stage``), one epoch of
+``--warmup + --steps`` steps each; a step's time is the wall time between two consecutive
+optimiser steps (data loading included, as a user sees it), the figure is the median of
+the last ``--steps``. The teacher is the config's teacher model at its random
+initialisation (its cost does not depend on its weights). The export is timed over the
+whole training set, beside a teacher forward pass alone on the same scans. Ends with
+``cache/no-KD step ratio: R``.
+"""
+import copy
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
+from pcseg_kd.engine.runner import parse_args  # noqa: E402
+
+
+def options(p):
+    p.add_argument("--steps", type=int, default=8, help="timed steps per run (after --warmup)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--device", default=None, help="default: the config's")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_stage(stage, cfg, env, work_dir, train_ds, class_weights, warmup):
+    from pcseg_kd.engine.kitti.train import train_stage
+
+    stamps = []
+
+    def on_step(_):
+        sync(env.device)
+        stamps.append(time.perf_counter())
+
+    train_stage(stage, cfg, env, work_dir, train_ds, None, progress=False, class_weights=class_weights,
+                on_step=on_step)
+    steps = [b - a for a, b in zip(stamps, stamps[1:])][max(warmup - 1, 0):]
+    return statistics.median(steps), steps
+
+
+def teacher_forward_per_scan(cfg, work_dir, env, scans: int):
+    """Median seconds of the teacher's forward pass alone on unaugmented single scans."""
+    from pcseg_kd.data.kitti.collate import collate_kitti
+    from pcseg_kd.engine.kitti.data import to_device
+    from pcseg_kd.engine.kitti.export import export_dataset_cfg
+    from pcseg_kd.engine.kitti.train import load_teacher
+    from pcseg_kd.registry import DATASETS
+
+    teacher = load_teacher(cfg, work_dir, env.device)
+    ds = DATASETS.build(export_dataset_cfg(cfg))
+    times = []
+    with torch.no_grad():
+        for i in range(min(scans, len(ds))):
+            batch = to_device(collate_kitti([ds[i]]), env.device)
+            sync(env.device)
+            t0 = time.perf_counter()
+            teacher(batch)
+            sync(env.device)
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def main(argv=None):
+    args = parse_args(__doc__.splitlines()[0], argv, extra=options)
+    if args.steps < 1 or args.warmup < 1:
+        raise SystemExit("error: --steps and --warmup must be >= 1")
+    from pcseg_kd.data.kitti.teacher_cache import read_meta
+    from pcseg_kd.engine.distributed import DistEnv, resolve_device
+    from pcseg_kd.engine.kitti.data import generate_synthetic_if_missing
+    from pcseg_kd.engine.kitti.export import export_teacher
+    from pcseg_kd.engine.kitti.train import resolve_class_weights, without_pretrained
+    from pcseg_kd.registry import DATASETS, MODELS
+
+    cfg = load_kitti_experiment(args.config, args.overrides)
+    env = DistEnv(device=resolve_device(args.device or cfg["device"]))
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    work = Path(args.work_dir) if args.work_dir else Path(tempfile.mkdtemp(prefix="bench_distill_"))
+    work.mkdir(parents=True, exist_ok=True)
+    generate_synthetic_if_missing([cfg["data"]["train"]["root"]], cfg["data"].get("synthetic"), env)
+    torch.manual_seed(0)
+    teacher_pt = work / "teacher_init.pt"
+    torch.save(MODELS.build(without_pretrained(cfg["teacher"]["model"])).state_dict(), teacher_pt)
+    cfg["teacher_checkpoint"] = str(teacher_pt)
+    cfg["student"]["optim"].update(epochs=1, max_steps_per_epoch=args.warmup + args.steps)
+    train_ds = DATASETS.build(cfg["data"]["train"])
+    class_weights = resolve_class_weights(cfg, train_ds, work, env)
+    print(f"{args.config}: {len(train_ds)} training scans, batch {cfg['student']['optim']['batch_size']}, "
+          f"device {env.device}, {torch.get_num_threads()} thread(s), {cfg['distiller']['type']}; "
+          f"median of {args.steps} steps after {args.warmup}", flush=True)
+
+    runs = {}
+    for name, stage, source in (("no KD", "baseline", None), ("online teacher", "student", "online"),
+                                ("teacher cache", "student", "cache")):
+        c = copy.deepcopy(cfg)
+        if source:
+            c["distiller"]["teacher_source"] = source
+        wd = work / name.replace(" ", "_")
+        shutil.rmtree(wd, ignore_errors=True)  # a finished stage would be skipped, not timed
+        if source == "cache":
+            t0 = time.perf_counter()
+            exported = export_teacher(c, wd, env, progress=not args.no_progress)
+            export_s = time.perf_counter() - t0
+        runs[name], _ = time_stage(stage, c, env, wd, train_ds, class_weights, args.warmup)
+        print(f"  {name:<15} {runs[name] * 1e3:8.1f} ms/step   ({runs[name] / runs['no KD']:.2f}x no KD)", flush=True)
+    scans = exported["frames"]
+    forward = teacher_forward_per_scan(cfg, work, env, min(scans, 6))
+    print(f"  export          {export_s / scans * 1e3:8.1f} ms/scan  ({scans} scans, {export_s:.1f} s; "
+          f"teacher forward alone {forward * 1e3:.1f} ms/scan, export/forward {export_s / scans / forward:.2f}x); "
+          f"{exported['bytes'] / scans / 1e6:.2f} MB/scan on disk ({exported['rows'] / scans:.0f} rows x "
+          f"{read_meta(exported['cache'])['num_classes']} classes, float16)")
+    print(f"online/no-KD step ratio: {runs['online teacher'] / runs['no KD']:.3f}")
+    print(f"cache/no-KD step ratio: {runs['teacher cache'] / runs['no KD']:.3f}")
+    return runs
+
+
+if __name__ == "__main__":
+    from pcseg_kd.utils.cli import run_main
+
+    sys.exit(run_main(main))

@@ -22,6 +22,7 @@ from ...registry import DATASETS, MODELS
 from ..checkpoint import load_checkpoint
 from ..distributed import DistEnv
 from .train import ShardedBatchSampler, evaluate, load_weights, make_loader, rows_of, to_device
+from .tta import TTAModel, check_tta
 
 
 def split_dataset_cfg(cfg: Dict[str, Any], split: str) -> Dict[str, Any]:
@@ -118,11 +119,13 @@ def write_predictions(model, loader, label_map, out_dir: Path, progress: bool = 
 
 def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str = "val",
                     predictions: Optional[Path] = None, batch_size: int = 1, progress: bool = True,
-                    device: Optional[torch.device] = None, stage: str = "student") -> Dict[str, Any]:
+                    device: Optional[torch.device] = None, stage: str = "student", tta: int = 1) -> Dict[str, Any]:
     """mIoU of ``checkpoint`` on ``split`` (unless it has no labels) and, with ``predictions``,
-    the prediction files. ``stage``: whose model config a bare state_dict is. Single process."""
+    the prediction files. ``stage``: whose model config a bare state_dict is. ``tta`` > 1 scores
+    and predicts with the vote over that many views (:mod:`.tta`). Single process."""
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"--batch-size must be a whole number >= 1, got {batch_size}")
+    tta = check_tta(tta)
     env = DistEnv(device=device or torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     ds_cfg = split_dataset_cfg(cfg, split)
     model = load_model(checkpoint, env.device, cfg["teacher" if stage == "teacher" else "student"]["model"],
@@ -133,8 +136,10 @@ def test_checkpoint(cfg: Dict[str, Any], checkpoint: Path, split: str = "val",
     if split == "test" and rows_of(model) == "points" and not ds_cfg.get("fov_only"):
         ds_cfg["load_image"] = False  # a LiDAR-only model on full scans needs no image_2 for 11-21
     ds = DATASETS.build(ds_cfg)
+    if tta > 1:  # the views are voxelized on the grid the dataset voxelizes scans on
+        model = TTAModel(model, tta, ds.voxel_size, ds.point_range, ds.out_of_range)
     sampler = ShardedBatchSampler(len(ds), batch_size, False, cfg["seed"], env, drop_last=False)
-    result: Dict[str, Any] = {"checkpoint": str(checkpoint), "split": split, "scans": len(ds)}
+    result: Dict[str, Any] = {"checkpoint": str(checkpoint), "split": split, "scans": len(ds), "tta": tta}
     if ds.load_labels:
         result["metrics"] = evaluate(model, make_loader(ds, sampler, cfg["data"]["num_workers"], env.device),
                                      env, model.num_classes, ds.ignore_index, ds.class_names, progress)

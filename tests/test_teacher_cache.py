@@ -117,7 +117,7 @@ def test_export_holds_the_online_teachers_logits_for_every_in_view_point(data_ro
     from pcseg_kd.registry import DATASETS
 
     cfg = cfg_for(data_root, teacher_pt, **SAME_INPUT)
-    out = export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "cache", chunk_frames=3, progress=False)
+    out = export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "cache", chunk_frames=3, batch_size=1, progress=False)
     assert out["frames"] == 4 and out["chunks"] == 2 and out["written"] == 2 and out["rows"] > 0
     cache = tc.TeacherCache(tmp_path / "cache")
     teacher = kt.load_teacher(cfg, tmp_path, torch.device("cpu"))
@@ -129,6 +129,13 @@ def test_export_holds_the_online_teachers_logits_for_every_in_view_point(data_ro
             online = teacher(batch)["logits"]
         assert torch.equal(batch["kd_point_idx"], batch["img_point_idx"])    # fov, whole image: every point
         assert torch.equal(batch["teacher_logits"], online.half())            # float16 rounding, nothing else
+    # batched (the default: twice the teacher's batch): the same rows, logits within float16 rounding
+    export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "batched", chunk_frames=3, progress=False)
+    batched = tc.TeacherCache(tmp_path / "batched")
+    for f in cache.index:
+        (i1, l1), (i4, l4) = cache.rows(f, cache.index[f].num_scan_points), batched.rows(f, cache.index[f].num_scan_points)
+        np.testing.assert_array_equal(i1, i4)
+        np.testing.assert_allclose(l4.astype(np.float32), l1.astype(np.float32), rtol=2e-3, atol=2e-3)
     meta = tc.read_meta(tmp_path / "cache")
     assert meta["fingerprint"]["inputs"] == teacher_inputs(cfg["data"]["train"])
     assert len(meta["fingerprint"]["teacher"]["weights_sha256"]) == 64
@@ -174,6 +181,27 @@ def test_a_killed_export_resumes_to_the_same_files(data_root, teacher_pt, tmp_pa
         export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "resumed", chunk_frames=2, progress=False)
 
 
+def _export_worker(rank, init_file, cfg, work, out):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    try:
+        export_teacher(cfg, work, DistEnv(rank=rank, world_size=2), out, chunk_frames=1, progress=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_share_the_export_and_write_what_one_process_writes(data_root, teacher_pt, tmp_path):
+    import torch.multiprocessing as mp
+    cfg = cfg_for(data_root, teacher_pt)
+    export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "one", chunk_frames=1, progress=False)
+    mp.spawn(_export_worker, args=(str(tmp_path / "init"), cfg, tmp_path, tmp_path / "two"), nprocs=2, join=True)
+    names = sorted(f.name for f in (tmp_path / "one").iterdir())
+    assert names == sorted(f.name for f in (tmp_path / "two").iterdir()) and len(names) == 1 + 4 * 3
+    for name in names:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
+
+
 # ----------------------------------------------------------------------------- the student stage
 class Float16Teacher(nn.Module):
     """The online teacher with its logits rounded as the cache stores them."""
@@ -192,8 +220,9 @@ def test_the_cached_student_is_the_online_student(data_root, teacher_pt, tmp_pat
     """Same teacher input (no augmentation, whole image): bitwise the same student when the
     online teacher's logits are rounded to float16 as the cache stores them."""
     cache_cfg = cfg_for(data_root, teacher_pt, **SAME_INPUT, **{"distiller.teacher_source": "cache"})
+    # one scan per teacher pass, as the online teacher sees the student's batches of one
+    export_teacher(cache_cfg, tmp_path / "cache", DistEnv(), batch_size=1, progress=False)
     kt.run_kitti(cache_cfg, tmp_path / "cache", DistEnv(), progress=False)
-    assert tc.TeacherCache(tmp_path / "cache" / "teacher_cache")          # exported by the student stage
     real = kt.load_teacher
     monkeypatch.setattr(kt, "load_teacher", lambda *a, **kw: Float16Teacher(real(*a, **kw)))
     online_cfg = cfg_for(data_root, teacher_pt, **SAME_INPUT)
@@ -210,13 +239,17 @@ def test_the_cached_student_is_the_online_student(data_root, teacher_pt, tmp_pat
 
 def test_student_stage_refuses_another_teachers_cache_and_a_cache_it_cannot_make(data_root, teacher_pt, tmp_path):
     cfg = cfg_for(data_root, teacher_pt, **{"distiller.teacher_source": "cache"})
-    export_teacher(cfg, tmp_path, DistEnv(), progress=False)
+    kt.run_kitti(cfg, tmp_path, DistEnv(), progress=False)                 # exports the cache, then trains
+    assert tc.TeacherCache(tmp_path / "teacher_cache").meta["frames"] == ["00/000000", "00/000001", "00/000002",
+                                                                          "00/000003"]
+    assert "loss_kd" in (tmp_path / "student" / "log.jsonl").read_text()
     other = load_kitti_experiment(QUICK, tiny_overrides(data_root, stages="[student]", teacher_checkpoint=str(teacher_pt),
                                                         **{"distiller.teacher_source": "cache",
+                                                           "distiller.teacher_cache": str(tmp_path / "teacher_cache"),
                                                            "data.train.image_scale": 0.2}))
     with pytest.raises(tc.TeacherCacheError, match=r"teacher_cache/meta.json: the cache was exported from another teacher "
                                                    r"or other inputs \(inputs.image_scale: cached 0.25, now 0.2"):
-        kt.run_kitti(other, tmp_path, DistEnv(), progress=False)
+        kt.run_kitti(other, tmp_path / "other", DistEnv(), progress=False)
     # no cache and no teacher weights to export one from
     bare = load_kitti_experiment(QUICK, tiny_overrides(data_root, stages="[student]",
                                                        **{"distiller.teacher_source": "cache",

@@ -6,13 +6,14 @@ online teacher and with the exported teacher cache, and the export itself.
     python tools/bench_distill.py configs/kitti_fusion_pssm.yaml data.train.root=data/synthetic_kitti_quickstart \\
         data.train.sequences=[00] data.num_workers=0 --steps 4      # full-size models on the synthetic scans
 
-All three runs go through the training loop itself (``train_stage``), one epoch of
-``--warmup + --steps`` steps each; a step's time is the wall time between two consecutive
-optimiser steps (data loading included, as a user sees it), the figure is the median of
-the last ``--steps``. The teacher is the config's teacher model at its random
-initialisation (its cost does not depend on its weights). The export is timed over the
-whole training set, beside a teacher forward pass alone on the same scans. Ends with
-``cache/no-KD step ratio: R``.
+All three modes go through the training loop itself (``train_stage``): one epoch of
+``--warmup + --steps`` steps per run, ``--repeats`` runs of each, interleaved (no KD, online,
+cache, no KD, ...) so that a slow spell of the machine falls on every mode alike. A step's time
+is the wall time between two consecutive optimiser steps (data loading included, as a user
+sees it); each mode's figure is the median over its timed steps. The teacher is the config's
+teacher model at its random initialisation (its cost does not depend on its weights). The
+export is timed once over the whole training set, beside a teacher forward pass alone on the
+same scans. Ends with ``cache/no-KD step ratio: R``.
 """
 import copy
 import shutil
@@ -31,8 +32,9 @@ from pcseg_kd.engine.runner import parse_args  # noqa: E402
 
 
 def options(p):
-    p.add_argument("--steps", type=int, default=8, help="timed steps per run (after --warmup)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps per run (after --warmup)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=5, help="runs of each mode, interleaved")
     p.add_argument("--device", default=None, help="default: the config's")
 
 
@@ -80,8 +82,8 @@ def teacher_forward_per_scan(cfg, work_dir, env, scans: int):
 
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=options)
-    if args.steps < 1 or args.warmup < 1:
-        raise SystemExit("error: --steps and --warmup must be >= 1")
+    if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
+        raise SystemExit("error: --steps, --warmup and --repeats must be >= 1")
     from pcseg_kd.data.kitti.teacher_cache import read_meta
     from pcseg_kd.engine.distributed import DistEnv, resolve_device
     from pcseg_kd.engine.kitti.data import generate_synthetic_if_missing
@@ -105,28 +107,38 @@ def main(argv=None):
     class_weights = resolve_class_weights(cfg, train_ds, work, env)
     print(f"{args.config}: {len(train_ds)} training scans, batch {cfg['student']['optim']['batch_size']}, "
           f"device {env.device}, {torch.get_num_threads()} thread(s), {cfg['distiller']['type']}; "
-          f"median of {args.steps} steps after {args.warmup}", flush=True)
+          f"median of {args.repeats} x {args.steps} steps (each run after {args.warmup} untimed)", flush=True)
 
-    runs = {}
-    for name, stage, source in (("no KD", "baseline", None), ("online teacher", "student", "online"),
-                                ("teacher cache", "student", "cache")):
-        c = copy.deepcopy(cfg)
-        if source:
-            c["distiller"]["teacher_source"] = source
-        wd = work / name.replace(" ", "_")
-        shutil.rmtree(wd, ignore_errors=True)  # a finished stage would be skipped, not timed
-        if source == "cache":
-            t0 = time.perf_counter()
-            exported = export_teacher(c, wd, env, progress=not args.no_progress)
-            export_s = time.perf_counter() - t0
-        runs[name], _ = time_stage(stage, c, env, wd, train_ds, class_weights, args.warmup)
-        print(f"  {name:<15} {runs[name] * 1e3:8.1f} ms/step   ({runs[name] / runs['no KD']:.2f}x no KD)", flush=True)
+    modes = (("no KD", "baseline", None), ("online teacher", "student", "online"), ("teacher cache", "student", "cache"))
+    times = {name: [] for name, _, _ in modes}
+    exported = None
+    for repeat in range(args.repeats):  # interleaved: a slow spell of the machine hits every mode alike
+        for name, stage, source in modes:
+            c = copy.deepcopy(cfg)
+            if source:
+                c["distiller"]["teacher_source"] = source
+            wd = work / name.replace(" ", "_")
+            if source == "cache" and exported is None:
+                shutil.rmtree(wd, ignore_errors=True)
+                t0 = time.perf_counter()
+                exported = export_teacher(c, wd, env, progress=not args.no_progress)
+                export_s = time.perf_counter() - t0
+            shutil.rmtree(wd / stage, ignore_errors=True)  # a finished stage would be skipped, not timed
+            times[name] += time_stage(stage, c, env, wd, train_ds, class_weights, args.warmup)[1]
+    runs = {name: statistics.median(t) for name, t in times.items()}
+    for name in runs:
+        q1, _, q3 = statistics.quantiles(times[name], n=4)
+        print(f"  {name:<15} {runs[name] * 1e3:8.1f} ms/step   ({runs[name] / runs['no KD']:.2f}x no KD; "
+              f"quartiles {q1 * 1e3:.0f}-{q3 * 1e3:.0f} ms over {len(times[name])} steps)", flush=True)
     scans = exported["frames"]
     forward = teacher_forward_per_scan(cfg, work, env, min(scans, 6))
-    print(f"  export          {export_s / scans * 1e3:8.1f} ms/scan  ({scans} scans, {export_s:.1f} s; "
-          f"teacher forward alone {forward * 1e3:.1f} ms/scan, export/forward {export_s / scans / forward:.2f}x); "
-          f"{exported['bytes'] / scans / 1e6:.2f} MB/scan on disk ({exported['rows'] / scans:.0f} rows x "
-          f"{read_meta(exported['cache'])['num_classes']} classes, float16)")
+    steady = (exported["seconds"] - exported["startup_seconds"]) / scans
+    print(f"  export          {export_s / scans * 1e3:8.1f} ms/scan  ({scans} scans in {export_s:.1f} s; "
+          f"{steady * 1e3:.1f} ms/scan after the {exported['startup_seconds']:.2f} s until the first batch)")
+    print(f"  teacher forward {forward * 1e3:8.1f} ms/scan  (alone, on loaded scans); export/forward "
+          f"{export_s / scans / forward:.2f}x, {steady / forward:.2f}x after start-up")
+    print(f"  cache on disk   {exported['bytes'] / scans / 1e6:8.2f} MB/scan  ({exported['rows'] / scans:.0f} rows x "
+          f"{read_meta(exported['cache'])['num_classes']} classes, float16, + int32 index)")
     print(f"online/no-KD step ratio: {runs['online teacher'] / runs['no KD']:.3f}")
     print(f"cache/no-KD step ratio: {runs['teacher cache'] / runs['no KD']:.3f}")
     return runs

@@ -25,7 +25,8 @@ from pcseg_kd.engine.runner import default_work_dir, parse_args  # noqa: E402
 def options(p):
     p.add_argument("--out", default=None, help="cache folder (default: distiller.teacher_cache or WORK_DIR/teacher_cache)")
     p.add_argument("--chunk-frames", type=int, default=64, help="scans per chunk file (the unit a resume redoes)")
-    p.add_argument("--batch-size", type=int, default=1, help="scans per teacher forward pass")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="scans per teacher forward pass (default: twice teacher.optim.batch_size)")
 
 
 def main(argv=None):
@@ -35,7 +36,7 @@ def main(argv=None):
     from pcseg_kd.engine.kitti.export import export_teacher
     from pcseg_kd.utils.lock import work_dir_lock
 
-    if args.batch_size < 1:
+    if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
     cfg = load_kitti_experiment(args.config, args.overrides)
     work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)

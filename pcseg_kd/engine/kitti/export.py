@@ -94,12 +94,14 @@ def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher: Optional[tor
 
 
 def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optional[Path] = None,
-                   chunk_frames: int = 64, batch_size: int = 1, progress: bool = True,
+                   chunk_frames: int = 64, batch_size: Optional[int] = None, progress: bool = True,
                    num_workers: Optional[int] = None) -> Dict[str, Any]:
     """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder);
+    ``batch_size``: scans per forward pass (default: twice the teacher's training batch, which
+    fits without gradients and makes a scan cheaper than a forward pass of one);
     ``num_workers``: loader processes (default: ``data.num_workers``, at least 1).
-    Returns {frames, chunks, written, rows, bytes, seconds}; the written chunks' figures
-    are this rank's."""
+    Returns {cache, frames, chunks, written, rows, bytes, seconds, startup_seconds (until the
+    first batch arrived)}; the written chunks' figures are this rank's."""
     from tqdm import tqdm
 
     from ...data.kitti.collate import collate_kitti
@@ -142,12 +144,16 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     # at least one, so that reading the next scan overlaps the teacher's forward pass)
     indices = [i for k in todo for i in range(k * chunk_frames, k * chunk_frames + len(tc.chunk_frames_of(meta, k)))]
     workers = max(1, cfg["data"]["num_workers"]) if num_workers is None else num_workers
+    batch_size = batch_size or 2 * cfg["teacher"]["optim"]["batch_size"]
     loader = DataLoader(Subset(ds, indices), batch_size=batch_size, collate_fn=collate_kitti, num_workers=workers,
                         pin_memory=device.type == "cuda")
     pending = iter(todo)
     k, buffer = None, ([], [], [])  # the chunk being filled: logits, point indices, scan sizes
+    startup = None  # until the first batch arrives: worker start-up, the first scan's loading
     with torch.no_grad():
         for batch in loader:
+            if startup is None:
+                startup = time.perf_counter() - t0
             got = _teacher_rows(teacher, to_device(batch, device), use_amp)
             for scan in zip(*got, batch["num_scan_points"]):
                 if k is None:
@@ -164,7 +170,8 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     bar.close()
     barrier(env)
     return {"cache": str(out), "frames": len(meta["frames"]), "chunks": tc.num_chunks(meta), "written": len(todo),
-            "rows": rows, "bytes": written_bytes, "seconds": time.perf_counter() - t0}
+            "rows": rows, "bytes": written_bytes, "seconds": time.perf_counter() - t0,
+            "startup_seconds": startup or 0.0}
 
 
 def _teacher_rows(teacher: torch.nn.Module, batch: Dict[str, Any], use_amp: bool):

@@ -10,7 +10,9 @@ All three modes go through the training loop itself (``train_stage``): one epoch
 ``--warmup + --steps`` steps per run, ``--repeats`` runs of each, interleaved (no KD, online,
 cache, no KD, ...) so that a slow spell of the machine falls on every mode alike. A step's time
 is the wall time between two consecutive optimiser steps (data loading included, as a user
-sees it); each mode's figure is the median over its timed steps. The teacher is the config's
+sees it). Step i trains on the same batch in every run of every mode, and a busy machine only
+ever adds time: each mode's figure is the median over steps of each step's fastest run (the
+plain median of all its steps is printed beside it). The teacher is the config's
 teacher model at its random initialisation (its cost does not depend on its weights). The
 export is timed once over the whole training set, beside a teacher forward pass alone on the
 same scans. Ends with ``cache/no-KD step ratio: R``.
@@ -50,12 +52,14 @@ def time_stage(stage, cfg, env, work_dir, train_ds, class_weights, warmup):
 
     def on_step(_):
         sync(env.device)
-        stamps.append(time.perf_counter())
+        stamps.append((time.perf_counter(), time.process_time()))
 
     train_stage(stage, cfg, env, work_dir, train_ds, None, progress=False, class_weights=class_weights,
                 on_step=on_step)
-    steps = [b - a for a, b in zip(stamps, stamps[1:])][max(warmup - 1, 0):]
-    return statistics.median(steps), steps
+    skip = max(warmup - 1, 0)
+    wall = [b[0] - a[0] for a, b in zip(stamps, stamps[1:])][skip:]
+    cpu = [b[1] - a[1] for a, b in zip(stamps, stamps[1:])][skip:]
+    return wall, cpu
 
 
 def teacher_forward_per_scan(cfg, work_dir, env, scans: int):
@@ -107,10 +111,11 @@ def main(argv=None):
     class_weights = resolve_class_weights(cfg, train_ds, work, env)
     print(f"{args.config}: {len(train_ds)} training scans, batch {cfg['student']['optim']['batch_size']}, "
           f"device {env.device}, {torch.get_num_threads()} thread(s), {cfg['distiller']['type']}; "
-          f"median of {args.repeats} x {args.steps} steps (each run after {args.warmup} untimed)", flush=True)
+          f"{args.repeats} runs x {args.steps} timed steps per mode, after {args.warmup} untimed", flush=True)
 
     modes = (("no KD", "baseline", None), ("online teacher", "student", "online"), ("teacher cache", "student", "cache"))
     times = {name: [] for name, _, _ in modes}
+    cpu_times = {name: [] for name, _, _ in modes}
     exported = None
     for repeat in range(args.repeats):  # interleaved: a slow spell of the machine hits every mode alike
         for name, stage, source in modes:
@@ -124,12 +129,18 @@ def main(argv=None):
                 exported = export_teacher(c, wd, env, progress=not args.no_progress)
                 export_s = time.perf_counter() - t0
             shutil.rmtree(wd / stage, ignore_errors=True)  # a finished stage would be skipped, not timed
-            times[name] += time_stage(stage, c, env, wd, train_ds, class_weights, args.warmup)[1]
-    runs = {name: statistics.median(t) for name, t in times.items()}
+            wall, cpu = time_stage(stage, c, env, wd, train_ds, class_weights, args.warmup)
+            times[name].append(wall)
+            cpu_times[name].append(cpu)
+    # step i trains on the same batch in every run of every mode; a busy machine only ever adds
+    # time, so each step's fastest run is its cost, and the median over the steps the figure
+    runs = {name: statistics.median(map(min, zip(*t))) for name, t in times.items()}
+    cpu_runs = {name: statistics.median(map(min, zip(*t))) for name, t in cpu_times.items()}
     for name in runs:
-        q1, _, q3 = statistics.quantiles(times[name], n=4)
+        every = [x for run in times[name] for x in run]
         print(f"  {name:<15} {runs[name] * 1e3:8.1f} ms/step   ({runs[name] / runs['no KD']:.2f}x no KD; "
-              f"quartiles {q1 * 1e3:.0f}-{q3 * 1e3:.0f} ms over {len(times[name])} steps)", flush=True)
+              f"median of all {len(every)} steps {statistics.median(every) * 1e3:.0f} ms; CPU time "
+              f"{cpu_runs[name] * 1e3:.1f} ms, {cpu_runs[name] / cpu_runs['no KD']:.2f}x)", flush=True)
     scans = exported["frames"]
     forward = teacher_forward_per_scan(cfg, work, env, min(scans, 6))
     steady = (exported["seconds"] - exported["startup_seconds"]) / scans

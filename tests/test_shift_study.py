@@ -64,6 +64,30 @@ def test_omega_shares_count_the_distilled_rows(method):
     assert d.pop_omega_shares() is None  # reset by reading
 
 
+@pytest.mark.parametrize("normalize", ["batch", "kept"])
+def test_tracking_omega_leaves_the_loss_and_its_gradient_bitwise_unchanged(normalize):
+    """Tracking computes Ω once and hands it to the loss as its weight (PyTorch path): the same
+    loss and student gradient, bit for bit, as the untracked fused loss that computes Ω inside."""
+    from pcseg_kd.registry import DISTILLERS
+    import pcseg_kd.distill  # noqa: F401
+
+    results = []
+    for track in (False, True):
+        d = DISTILLERS.build({"type": "dkd_pssm", "kd_weight": 0.1, "alpha": 7.0, "beta": 1.0, "temperature": 0.7,
+                              "ignore_index": 255, "normalize": normalize,
+                              "pssm": {"preset": "reference", "space": "probs"}})
+        d.track_omega(track)
+        g = torch.Generator().manual_seed(1)
+        s = torch.randn(2000, 19, generator=g).requires_grad_()
+        t, y = torch.randn(2000, 19, generator=g), torch.randint(0, 19, (2000,), generator=g)
+        y[::7] = 255
+        loss = d.kd_loss(s, t, y, 3)
+        loss.backward()
+        results.append((loss.detach(), s.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    assert d.omega_counts[2] == (y != 255).sum()
+
+
 # ----------------------------------------------------------------------------- output CMD
 class Fixed(nn.Module):
     """A 'model' whose logits are given per batch (rows: in_view or points)."""

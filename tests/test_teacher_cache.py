@@ -129,7 +129,7 @@ def test_export_holds_the_online_teachers_logits_for_every_in_view_point(data_ro
             online = teacher(batch)["logits"]
         assert torch.equal(batch["kd_point_idx"], batch["img_point_idx"])    # fov, whole image: every point
         assert torch.equal(batch["teacher_logits"], online.half())            # float16 rounding, nothing else
-    # batched (the default: twice the teacher's batch): the same rows, logits within float16 rounding
+    # batched (the default: the teacher's training batch, 2 here): the same rows, logits within float16 rounding
     export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "batched", chunk_frames=3, progress=False)
     batched = tc.TeacherCache(tmp_path / "batched")
     for f in cache.index:

@@ -26,7 +26,7 @@ def options(p):
     p.add_argument("--out", default=None, help="cache folder (default: distiller.teacher_cache or WORK_DIR/teacher_cache)")
     p.add_argument("--chunk-frames", type=int, default=64, help="scans per chunk file (the unit a resume redoes)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="scans per teacher forward pass (default: twice teacher.optim.batch_size)")
+                   help="scans per teacher forward pass (default: teacher.optim.batch_size)")
 
 
 def main(argv=None):

@@ -36,10 +36,16 @@ class DKDPSSM(OmegaStats, DKD):
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                 valid: Tensor, **extras: Any) -> Tensor:
-        self.record_omega(student_logits, teacher_logits, target, valid)
-        per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
-                                self.temperature, "none", self.ignore_index, self.pssm,
-                                backend=self.loss_backend)
+        omega = self.shared_omega(student_logits, teacher_logits, target)
+        self.record_omega(student_logits, teacher_logits, target, valid, omega)
+        if omega is None:
+            per_row = pssm_dkd_loss(student_logits, teacher_logits, target, self.alpha, self.beta,
+                                    self.temperature, "none", self.ignore_index, self.pssm,
+                                    backend=self.loss_backend)
+        else:  # the same loss with Ω as its weight: Ω computed once for the statistics and the loss
+            per_row = distill_loss("dkd", student_logits, teacher_logits, target, self.alpha, self.beta,
+                                   self.temperature, "none", self.ignore_index, omega,
+                                   backend=self.loss_backend)
         count = pssm_row_count(student_logits, teacher_logits, target, valid, self.pssm,
-                               self.normalize, self.ignore_index, self.loss_backend)
+                               self.normalize, self.ignore_index, self.loss_backend, omega)
         return row_mean(per_row, valid, count)

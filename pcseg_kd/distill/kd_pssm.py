@@ -10,24 +10,26 @@ from ..registry import DISTILLERS
 from .kd import KD
 from ..losses.pssm import PSSMConfig, pssm_config
 from ..losses.reduce import row_mean
-from .kernels.dispatch import pssm_weights
+from .kernels.dispatch import applied_omega, pssm_weights
 
 NORMALIZE = ("batch", "kept")
 
 
 def pssm_row_count(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor,
                    pssm: PSSMConfig, normalize: str, ignore_index: Optional[int] = None,
-                   backend: Optional[str] = None) -> Optional[Tensor]:
+                   backend: Optional[str] = None, omega: Optional[Tensor] = None) -> Optional[Tensor]:
     """Denominator of the row mean: all valid rows ("batch", the authors'; returns None) or
-    only the rows PSSM keeps, Ω > 0 ("kept"; a device tensor ``[...]``, no gradient)."""
+    only the rows PSSM keeps, Ω > 0 ("kept"; a device tensor ``[...]``, no gradient).
+    ``omega``: Ω when the caller has it already."""
     if normalize == "batch":
         return None
     if normalize != "kept":
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
-    # Ω is computed again here (the fused loss computes its own): one extra read of both
-    # logits, cheaper than materialising Ω for the loss on the kernel path
-    omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=pssm,
-                         ignore_index=ignore_index, backend=backend)
+    if omega is None:
+        # Ω is computed again here (the fused loss computes its own): one extra read of both
+        # logits, cheaper than materialising Ω for the loss on the kernel path
+        omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=pssm,
+                             ignore_index=ignore_index, backend=backend)
     return ((omega > 0) & valid).sum(-1)
 
 
@@ -47,14 +49,25 @@ class OmegaStats:
     def tracking_omega(self) -> bool:
         return self._tracking_omega
 
-    def record_omega(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor) -> None:
+    def record_omega(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor, valid: Tensor,
+                     omega: Optional[Tensor] = None) -> None:
+        """Count Ω (``omega`` when the caller has it, else computed here) while tracking."""
         if not self._tracking_omega:
             return
-        # computed again (the fused loss keeps Ω in registers): one extra read of both logits
-        omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=self.pssm,
-                             ignore_index=self.ignore_index, backend=self.loss_backend)
+        if omega is None:
+            # computed again (the fused kernel keeps Ω in registers): one extra read of both logits
+            omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=self.pssm,
+                                 ignore_index=self.ignore_index, backend=self.loss_backend)
         counts = torch.stack([((omega == 1) & valid).sum(), ((omega == 0) & valid).sum(), valid.sum()])
         self.omega_counts = counts if self.omega_counts is None else self.omega_counts + counts
+
+    def shared_omega(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor) -> Optional[Tensor]:
+        """Ω computed once for both the statistics and the loss, where that saves work: while
+        tracking, on the PyTorch loss path (the Triton kernel computes its own; None)."""
+        if not self._tracking_omega:
+            return None
+        return applied_omega(student_logits, teacher_logits, target, self.pssm, self.ignore_index,
+                             self.loss_backend)
 
     def pop_omega_shares(self) -> Optional[Dict[str, float]]:
         """Shares of the distilled rows since the last call (None if none were counted); resets."""

@@ -239,6 +239,19 @@ def distill_loss(kind: str, student_logits: Tensor, teacher_logits: Tensor, targ
     return fused_distill_loss(name, kind, student_logits, teacher_logits, target, *args)
 
 
+def applied_omega(student_logits: Tensor, teacher_logits: Tensor, target: Tensor, pssm,
+                  ignore_index: Optional[int] = None, backend: Optional[str] = None) -> Optional[Tensor]:
+    """Ω as the fused PyTorch loss would compute it inside, for a caller that also needs Ω (its
+    statistics) and then passes it to :func:`distill_loss` as ``weight`` with ``pssm=None``:
+    the same loss, bit for bit, with Ω computed once. None where the loss runs elsewhere (the
+    Triton kernel keeps Ω in registers; the reference path; Ω with a gradient)."""
+    if pssm is None or not pssm.detach or teacher_logits.requires_grad:
+        return None
+    if select_backend(student_logits, teacher_logits, None, backend) not in ("torch", "compile"):
+        return None
+    return tf.omega_rows(student_logits.detach(), teacher_logits, target, pssm, ignore_index)
+
+
 def pssm_weights(student_logits: Tensor, teacher_logits: Tensor, target: Tensor,
                  preset: str = "reference", ignore_index: Optional[int] = None,
                  backend: Optional[str] = None, **overrides) -> Tensor:

@@ -82,6 +82,18 @@ def _omega_cm(xs: Tensor, xt: Tensor, y: Tensor, valid: Optional[Tensor], cfg, c
     return omega
 
 
+def omega_rows(s: Tensor, t: Tensor, y: Tensor, cfg, ignore_index: Optional[int]) -> Tensor:
+    """Ω ``[...]`` exactly as the fused loss applies it (:func:`_omega_cm` on its inputs), for a
+    caller that needs Ω itself too (PSSM statistics) and passes it back as the loss weight."""
+    C = s.shape[-1]
+    s2, t2, y2 = s.reshape(-1, C), t.reshape(-1, C), y.reshape(-1)
+    dtype = _cdtype(s2, t2)
+    valid = None if ignore_index is None else (y2 != ignore_index)
+    yy = y2.long() if valid is None else y2.long().masked_fill(~valid, 0)
+    cls = torch.arange(C, device=s.device).unsqueeze(1)
+    return _omega_cm(_cm(s2, dtype), _cm(t2, dtype), yy, valid, cfg, cls).reshape(s.shape[:-1])
+
+
 def _prep(s, t, y, w, spec: LossSpec, dtype):
     """Class-major inputs, safe labels and the per-row weights (wl, lam, base)."""
     xs, xt = _cm(s, dtype), _cm(t, dtype)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,9 +98,10 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
                    chunk_frames: int = 64, batch_size: Optional[int] = None, progress: bool = True,
                    num_workers: Optional[int] = None) -> Dict[str, Any]:
     """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder);
-    ``batch_size``: scans per forward pass (default: twice the teacher's training batch, which
-    fits without gradients and makes a scan cheaper than a forward pass of one);
-    ``num_workers``: loader processes (default: ``data.num_workers``, at least 1).
+    ``batch_size``: scans per forward pass (default: the teacher's training batch, a size known
+    to fit); ``num_workers``: loader processes (default: ``data.num_workers``, and at least one
+    when a CPU core is left over by torch's threads, so that loading overlaps the forward pass
+    instead of taking cores from it).
     Returns {cache, frames, chunks, written, rows, bytes, seconds, startup_seconds (until the
     first batch arrived)}; the written chunks' figures are this rank's."""
     from tqdm import tqdm
@@ -140,12 +142,13 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     rows = written_bytes = 0
     bar = tqdm(total=sum(len(tc.chunk_frames_of(meta, k)) for k in todo), desc="export teacher", unit="scan",
                disable=not (progress and sys.stderr.isatty()), dynamic_ncols=True)
-    # one loader over every scan still to do, in chunk order (its workers start once, and
-    # at least one, so that reading the next scan overlaps the teacher's forward pass)
+    # one loader over every scan still to do, in chunk order (its workers start once)
     indices = [i for k in todo for i in range(k * chunk_frames, k * chunk_frames + len(tc.chunk_frames_of(meta, k)))]
-    workers = max(1, cfg["data"]["num_workers"]) if num_workers is None else num_workers
-    batch_size = batch_size or 2 * cfg["teacher"]["optim"]["batch_size"]
-    loader = DataLoader(Subset(ds, indices), batch_size=batch_size, collate_fn=collate_kitti, num_workers=workers,
+    if num_workers is None:
+        spare = (os.cpu_count() or 1) > torch.get_num_threads()
+        num_workers = max(int(spare), cfg["data"]["num_workers"])
+    batch_size = batch_size or cfg["teacher"]["optim"]["batch_size"]
+    loader = DataLoader(Subset(ds, indices), batch_size=batch_size, collate_fn=collate_kitti, num_workers=num_workers,
                         pin_memory=device.type == "cuda")
     pending = iter(todo)
     k, buffer = None, ([], [], [])  # the chunk being filled: logits, point indices, scan sizes

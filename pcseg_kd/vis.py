@@ -113,6 +113,8 @@ def plot_learning_curves(histories: Dict[str, list], out: "Path | str", title: s
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     colours = {"teacher": "tab:green", "baseline": "tab:gray", "student": "tab:blue"}
+    others = iter(["tab:orange", "tab:purple", "tab:red", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    colours.update({stage: next(others, None) for stage in histories if stage not in colours})
     for stage, history in histories.items():
         rows = [h for h in history if "val" in h]
         for key, style in (("in_view", "-"), ("all", "--")):

@@ -41,3 +41,15 @@ def test_compare_names_a_work_dir_without_the_three_stages(tmp_path):
     r = subprocess.run([sys.executable, str(ROOT / "tools/kitti_compare.py"), str(tmp_path / "w")],
                        capture_output=True, text=True)
     assert r.returncode == 1 and "no in-view result for baseline, student" in r.stderr
+
+
+def test_students_from_other_work_dirs_replace_each_runs_student(tmp_path):
+    iou = {"a": 10.0, "b": 20.0}
+    _run(tmp_path / "r0", 40.0, 30.0, 33.0, iou, iou, iou)
+    (tmp_path / "s0").mkdir()
+    (tmp_path / "s0" / "metrics.json").write_text(json.dumps({"student": {"in_view": {"miou": 37.5, "iou": iou}}}))
+    cmd = [sys.executable, str(ROOT / "tools/kitti_compare.py"), str(tmp_path / "r0"), "--students", str(tmp_path / "s0")]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[2].startswith(f"| {tmp_path / 'r0'} | 40.00 | 30.00 | 37.50 | +7.50 | +10.00 |")
+    bad = subprocess.run(cmd + [str(tmp_path / "s0")], capture_output=True, text=True)
+    assert bad.returncode == 1 and "--students: 2 folders for 1 runs" in bad.stderr

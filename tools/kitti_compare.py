@@ -2,6 +2,7 @@
 """Compare teacher, no-KD baseline and distilled student over runs (seeds) of one config.
 
     python tools/kitti_compare.py work_dirs/qs_s0 work_dirs/qs_s1 work_dirs/qs_s2
+    python tools/kitti_compare.py work_dirs/qs_s0 work_dirs/qs_s1 --students work_dirs/cache_s0 work_dirs/cache_s1
 
 Reads each work folder's metrics.json (written by tools/train.py with stages teacher,
 baseline, student) and prints, on the in-view points (the rows all three are scored on):
@@ -9,6 +10,8 @@ a Markdown table of mIoU per run with the paired differences student − baselin
 teacher − baseline, mean ± sample std over the runs, and the per-class transfer check: the
 correlation, over classes present in a run, between the teacher's and the student's per-class
 IoU gain over the baseline (does distillation move the student towards the teacher's classes?).
+``--students`` takes the students from other work folders, one per run (a student-only run that
+reused that run's teacher, e.g. another distiller or ``distiller.teacher_source=cache``).
 """
 import argparse
 import statistics
@@ -22,8 +25,13 @@ from pcseg_kd.utils.io import read_json  # noqa: E402
 STAGES = ("teacher", "baseline", "student")
 
 
-def load(work: Path) -> dict:
+def load(work: Path, student: Path = None) -> dict:
     m = read_json(work / "metrics.json")
+    if student is not None:
+        other = read_json(student / "metrics.json")
+        if "in_view" not in other.get("student", {}):
+            raise ValueError(f"{student / 'metrics.json'}: no in-view result for the student")
+        m["student"] = other["student"]
     missing = [s for s in STAGES if "in_view" not in m.get(s, {})]
     if missing:
         raise ValueError(f"{work / 'metrics.json'}: no in-view result for {', '.join(missing)} "
@@ -44,12 +52,16 @@ def correlation(x, y):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("work_dirs", nargs="+", type=Path)
+    p.add_argument("--students", nargs="+", type=Path, default=None,
+                   help="take each run's student from these work folders instead (one per run)")
     args = p.parse_args(argv)
+    if args.students is not None and len(args.students) != len(args.work_dirs):
+        raise SystemExit(f"error: --students: {len(args.students)} folders for {len(args.work_dirs)} runs")
     rows, pooled = [], ([], [])
     print("| run | teacher | baseline (no KD) | student | student − baseline | teacher − baseline | per-class corr |")
     print("|---|---|---|---|---|---|---|")
-    for work in args.work_dirs:
-        m = load(work)
+    for i, work in enumerate(args.work_dirs):
+        m = load(work, args.students[i] if args.students else None)
         t, b, s = (m[k]["in_view"]["miou"] for k in STAGES)
         it, ib, is_ = (m[k]["in_view"]["iou"] for k in STAGES)
         present = [c for c in it if None not in (it[c], ib[c], is_[c])]

@@ -62,26 +62,32 @@ def time_stage(stage, cfg, env, work_dir, train_ds, class_weights, warmup):
     return wall, cpu
 
 
-def teacher_forward_per_scan(cfg, work_dir, env, scans: int):
-    """Median seconds of the teacher's forward pass alone on unaugmented single scans."""
+def teacher_forward_per_scan(cfg, work_dir, env, batches: int = 3):
+    """Median seconds per scan of the teacher's forward pass alone (with the read-back of its
+    logits, as the export does it) on unaugmented scans loaded beforehand, in batches of the
+    export's default size (``teacher.optim.batch_size``)."""
     from pcseg_kd.data.kitti.collate import collate_kitti
     from pcseg_kd.engine.kitti.data import to_device
-    from pcseg_kd.engine.kitti.export import export_dataset_cfg
+    from pcseg_kd.engine.kitti.export import _teacher_rows, export_dataset_cfg
     from pcseg_kd.engine.kitti.train import load_teacher
     from pcseg_kd.registry import DATASETS
 
     teacher = load_teacher(cfg, work_dir, env.device)
     ds = DATASETS.build(export_dataset_cfg(cfg))
+    size = cfg["teacher"]["optim"]["batch_size"]
+    use_amp = env.device.type == "cuda" and cfg["student"]["optim"].get("amp", False)
+    loaded = [collate_kitti([ds[j] for j in range(i, min(i + size, len(ds)))])
+              for i in range(0, min(len(ds), (batches + 1) * size), size)]
     times = []
     with torch.no_grad():
-        for i in range(min(scans, len(ds))):
-            batch = to_device(collate_kitti([ds[i]]), env.device)
+        for batch in loaded:
+            batch = to_device(batch, env.device)
             sync(env.device)
             t0 = time.perf_counter()
-            teacher(batch)
+            _teacher_rows(teacher, batch, use_amp)
             sync(env.device)
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:] if len(times) > 2 else times)
+            times.append((time.perf_counter() - t0) / batch["batch_size"])
+    return statistics.median(times[1:] if len(times) > 2 else times)  # the first pass warms up
 
 
 def main(argv=None):
@@ -142,11 +148,12 @@ def main(argv=None):
               f"median of all {len(every)} steps {statistics.median(every) * 1e3:.0f} ms; CPU time "
               f"{cpu_runs[name] * 1e3:.1f} ms, {cpu_runs[name] / cpu_runs['no KD']:.2f}x)", flush=True)
     scans = exported["frames"]
-    forward = teacher_forward_per_scan(cfg, work, env, min(scans, 6))
+    forward = teacher_forward_per_scan(cfg, work, env)
     steady = (exported["seconds"] - exported["startup_seconds"]) / scans
     print(f"  export          {export_s / scans * 1e3:8.1f} ms/scan  ({scans} scans in {export_s:.1f} s; "
           f"{steady * 1e3:.1f} ms/scan after the {exported['startup_seconds']:.2f} s until the first batch)")
-    print(f"  teacher forward {forward * 1e3:8.1f} ms/scan  (alone, on loaded scans); export/forward "
+    print(f"  teacher forward {forward * 1e3:8.1f} ms/scan  (alone, on loaded batches of "
+          f"{cfg['teacher']['optim']['batch_size']}); export/forward "
           f"{export_s / scans / forward:.2f}x, {steady / forward:.2f}x after start-up")
     print(f"  cache on disk   {exported['bytes'] / scans / 1e6:8.2f} MB/scan  ({exported['rows'] / scans:.0f} rows x "
           f"{read_meta(exported['cache'])['num_classes']} classes, float16, + int32 index)")

@@ -37,6 +37,11 @@ def teacher_pt(data_root, tmp_path_factory):
     return work / "teacher" / "final.pt"
 
 
+def cache_files(folder):
+    """The cache's files (not the exporter's .lock)."""
+    return [f for f in folder.iterdir() if not f.name.startswith(".")]
+
+
 def cfg_for(data_root, teacher_pt, **extra):
     return load_kitti_experiment(QUICK, tiny_overrides(data_root, stages="[student]",
                                                        teacher_checkpoint=str(teacher_pt), **extra))
@@ -175,7 +180,7 @@ def test_a_killed_export_resumes_to_the_same_files(data_root, teacher_pt, tmp_pa
         tc.TeacherCache(tmp_path / "resumed")
     again = export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "resumed", chunk_frames=1, progress=False)
     assert again["written"] == 2                             # only what the kill left
-    for f in sorted((tmp_path / "whole").iterdir()):
+    for f in sorted(cache_files(tmp_path / "whole")):
         assert f.read_bytes() == (tmp_path / "resumed" / f.name).read_bytes(), f.name
     with pytest.raises(tc.TeacherCacheError, match=r"meta.json: a teacher cache exported with other settings.*chunk_frames"):
         export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "resumed", chunk_frames=2, progress=False)
@@ -196,8 +201,8 @@ def test_two_ranks_share_the_export_and_write_what_one_process_writes(data_root,
     cfg = cfg_for(data_root, teacher_pt)
     export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "one", chunk_frames=1, progress=False)
     mp.spawn(_export_worker, args=(str(tmp_path / "init"), cfg, tmp_path, tmp_path / "two"), nprocs=2, join=True)
-    names = sorted(f.name for f in (tmp_path / "one").iterdir())
-    assert names == sorted(f.name for f in (tmp_path / "two").iterdir()) and len(names) == 1 + 4 * 3
+    names = sorted(f.name for f in cache_files(tmp_path / "one"))
+    assert names == sorted(f.name for f in cache_files(tmp_path / "two")) and len(names) == 1 + 4 * 3
     for name in names:
         assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name
 
@@ -307,3 +312,88 @@ def test_bench_distill_runs_the_three_steps_and_ends_with_the_ratio(data_root, t
     assert lines[-1].startswith("cache/no-KD step ratio: ") and float(lines[-1].split(": ")[1]) > 0
     again = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)   # a second run measures again
     assert again.returncode == 0 and again.stdout.strip().splitlines()[-1].startswith("cache/no-KD")
+
+
+def test_points_without_a_teacher_voxel_are_not_cached(data_root, teacher_pt, tmp_path):
+    """out_of_range: drop: a point outside the grid gets no point feature at export; augmentation
+    could later give it a student voxel, so its row must not be a KD target."""
+    from pcseg_kd.data.kitti.collate import collate_kitti
+    from pcseg_kd.registry import DATASETS
+
+    small = {"data.train.out_of_range": "drop", "data.train.point_range": "[-8,-8,-3,8,8,2]"}
+    cfg = cfg_for(data_root, teacher_pt, **SAME_INPUT, **small)
+    export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "cache", batch_size=1, progress=False)
+    cache = tc.TeacherCache(tmp_path / "cache")
+    teacher = kt.load_teacher(cfg, tmp_path, torch.device("cpu"))
+    ds = DATASETS.build(cfg["data"]["train"])
+    for i in range(len(ds)):
+        sample = ds[i]
+        with torch.no_grad():
+            out = teacher(collate_kitti([sample]))
+        voxel = out["point_valid"][sample["img_point_idx"]]
+        assert 0 < int(voxel.sum()) < len(voxel)                    # the case arises
+        idx, logits = cache.rows(sample["frame_id"], sample["num_scan_points"])
+        want = sample["point_index"][sample["img_point_idx"][voxel]].numpy()
+        np.testing.assert_array_equal(idx, want)
+        np.testing.assert_array_equal(logits, out["logits"][voxel].half().numpy())
+
+
+def test_the_student_stage_finishes_an_export_killed_with_its_own_chunking(data_root, teacher_pt, tmp_path,
+                                                                           monkeypatch):
+    cfg = cfg_for(data_root, teacher_pt, **{"distiller.teacher_source": "cache"})
+    real, calls = tc.write_chunk, []
+
+    def dies_at_the_second(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(tc, "write_chunk", dies_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        export_teacher(cfg, tmp_path, DistEnv(), chunk_frames=1, progress=False)
+    monkeypatch.setattr(tc, "write_chunk", real)
+    kt.run_kitti(cfg, tmp_path, DistEnv(), progress=False)      # resumes the export (chunks of 1), then trains
+    cache = tc.TeacherCache(tmp_path / "teacher_cache")
+    assert cache.meta["chunk_frames"] == 1 and (tmp_path / "student" / "final.pt").is_file()
+
+
+def test_bad_frames_are_skipped_by_the_export_as_by_training(data_root, teacher_pt, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    bad = root / "sequences" / "00" / "velodyne" / "000001.bin"
+    bad.write_bytes(bad.read_bytes()[:-5])                          # truncated: not a whole number of points
+    over = {"data.train.root": str(root), "data.val.root": str(root)}
+    cfg = cfg_for(data_root, teacher_pt, **over)
+    with pytest.raises(Exception, match="000001.bin"):
+        export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "strict", progress=False)
+    cfg = cfg_for(data_root, teacher_pt, **over, **{"data.train.skip_bad_frames": "true",
+                                                    "distiller.teacher_source": "cache"})
+    with pytest.warns(UserWarning, match="skipping bad frame 00/000001"):
+        kt.run_kitti(cfg, tmp_path / "work", DistEnv(), progress=False)
+    cache = tc.TeacherCache(tmp_path / "work" / "teacher_cache")
+    assert cache.index["00/000001"].end == cache.index["00/000001"].start   # kept in place, no rows
+    assert cache.index["00/000002"].end > cache.index["00/000002"].start
+
+
+def test_unsorted_point_indices_and_changed_scans_are_refused(data_root, teacher_pt, tmp_path):
+    from pcseg_kd.registry import DATASETS
+
+    frames = ["00/000000"]
+    meta = tc.new_meta(frames, 2, ["a", "b"], {}, 1)
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    tc.write_chunk(tmp_path, 0, frames, [np.zeros((3, 2))], [np.array([0, 1, 2])], [9])
+    np.save(tmp_path / "chunk_00000.point_index.npy", np.array([2, 0, 1], np.int32))   # another writer, unsorted
+    with pytest.raises(tc.TeacherCacheError, match=r"chunk_00000.point_index.npy: a scan's point indices are not"):
+        tc.TeacherCache(tmp_path).rows("00/000000", 9)
+    # a scan that changed since the export is refused when the run starts, not mid-epoch
+    cfg = cfg_for(data_root, teacher_pt)
+    export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "cache", progress=False)
+    root = tmp_path / "data"
+    shutil.copytree(data_root, root)
+    scan = root / "sequences" / "00" / "velodyne" / "000002.bin"
+    scan.write_bytes(scan.read_bytes() + bytes(16))                 # one point more
+    ds = DATASETS.build({**cfg["data"]["train"], "root": str(root)})
+    with pytest.raises(tc.TeacherCacheError, match=r"chunk_00000.json: frame 00/000002 was cached with \d+ points, "
+                                                   r"its scan .*000002.bin now has"):
+        tc.TeacherCache(tmp_path / "cache").check_run(ds.frames, ds.num_classes, ds.class_names)

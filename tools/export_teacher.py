@@ -24,7 +24,8 @@ from pcseg_kd.engine.runner import default_work_dir, parse_args  # noqa: E402
 
 def options(p):
     p.add_argument("--out", default=None, help="cache folder (default: distiller.teacher_cache or WORK_DIR/teacher_cache)")
-    p.add_argument("--chunk-frames", type=int, default=64, help="scans per chunk file (the unit a resume redoes)")
+    p.add_argument("--chunk-frames", type=int, default=None,
+                   help="scans per chunk file, the unit a resume redoes (default: an unfinished cache's own, else 64)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="scans per teacher forward pass (default: teacher.optim.batch_size)")
 

@@ -25,8 +25,10 @@ def pssm_row_count(student_logits: Tensor, teacher_logits: Tensor, target: Tenso
         return None
     if normalize != "kept":
         raise ValueError(f"normalize must be one of {NORMALIZE}, got {normalize!r}")
+    if omega is None:  # the Ω the PyTorch loss applies, so that the count and the loss agree
+        omega = applied_omega(student_logits, teacher_logits.detach(), target, pssm, ignore_index, backend)
     if omega is None:
-        # Ω is computed again here (the fused loss computes its own): one extra read of both
+        # Ω is computed again here (the fused kernel computes its own): one extra read of both
         # logits, cheaper than materialising Ω for the loss on the kernel path
         omega = pssm_weights(student_logits.detach(), teacher_logits.detach(), target, config=pssm,
                              ignore_index=ignore_index, backend=backend)

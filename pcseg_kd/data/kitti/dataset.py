@@ -233,12 +233,18 @@ class SemanticKITTIDataset(Dataset):
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for frame in tqdm(self.frames, desc="class counts", disable=not (progress and sys.stderr.isatty())):
-            scan = read_scan(frame.scan)
-            sem, _ = read_label(frame.label, len(scan))
-            labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
-            if self.fov_only:
-                proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
-                labels = labels[proj.in_view]
+            try:
+                scan = read_scan(frame.scan)
+                sem, _ = read_label(frame.label, len(scan))
+                labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
+                if self.fov_only:
+                    proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
+                    labels = labels[proj.in_view]
+            except KittiDataError as err:
+                if not self.skip_bad_frames:
+                    raise
+                warnings.warn(f"class counts: skipping bad frame {frame.frame_id}: {err}", stacklevel=2)
+                continue  # training never reads it either
             labels = labels[labels != self.ignore_index]
             counts += np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
         return counts

@@ -24,7 +24,6 @@ dataset settings it saw); a cache that does not match the run is refused, naming
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -95,8 +94,10 @@ def read_meta(root: Path) -> Dict[str, Any]:
         raise TeacherCacheError(f"{path}: no teacher cache here (export one with tools/export_teacher.py CONFIG)")
     try:
         meta = read_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise TeacherCacheError(f"{path}: not a teacher cache's meta.json ({e})") from e
+    except ValueError as e:  # read_json names the file
+        raise TeacherCacheError(f"not a teacher cache's meta.json: {e}") from e
+    if not isinstance(meta, dict):
+        raise TeacherCacheError(f"{path}: not a {FORMAT} meta.json (a {type(meta).__name__})")
     missing = [k for k in ("format", "version", "num_classes", "class_names", "chunk_frames", "frames",
                            "fingerprint") if k not in meta]
     if missing or meta.get("format") != FORMAT:
@@ -137,15 +138,26 @@ class TeacherCache:
         self._chunk_rows: Dict[int, int] = {}
         for k in range(num_chunks(self.meta)):
             path = Path(f"{chunk_stem(self.root, k)}.json")
-            chunk = read_json(path)
-            if chunk.get("frames") != chunk_frames_of(self.meta, k) or len(chunk.get("offsets", [])) != \
-                    len(chunk["frames"]) + 1:
+            try:
+                chunk = read_json(path)
+            except ValueError as e:
+                raise TeacherCacheError(str(e)) from e
+            n = len(chunk_frames_of(self.meta, k))
+            if not isinstance(chunk, dict) or chunk.get("frames") != chunk_frames_of(self.meta, k):
                 raise TeacherCacheError(f"{path}: its frames do not match chunk {k} of {self.root / 'meta.json'}")
+            offsets, sizes = chunk.get("offsets"), chunk.get("num_scan_points")
+            if not (isinstance(offsets, list) and len(offsets) == n + 1 and isinstance(sizes, list) and len(sizes) == n
+                    and offsets[0] == 0 and all(b >= a for a, b in zip(offsets, offsets[1:]))):
+                raise TeacherCacheError(f"{path}: needs 'offsets' ({n + 1} ascending row offsets from 0) and "
+                                        f"'num_scan_points' ({n} scan sizes)")
             self._chunk_rows[k] = chunk["offsets"][-1]
             for i, f in enumerate(chunk["frames"]):
                 self.index[f] = FrameRows(k, chunk["offsets"][i], chunk["offsets"][i + 1],
                                           chunk["num_scan_points"][i])
         self._arrays: Dict[int, Any] = {}  # opened lazily: memory maps must not cross a fork
+
+    def __getstate__(self) -> Dict[str, Any]:  # to spawned loader workers: no mapped data
+        return {**self.__dict__, "_arrays": {}}
 
     def _chunk(self, k: int):
         if k not in self._arrays:
@@ -156,6 +168,15 @@ class TeacherCache:
             if logits.shape != (total, self.num_classes) or index.shape != (total,):
                 raise TeacherCacheError(f"{stem}.logits.npy / .point_index.npy: shapes {logits.shape} / {index.shape}, "
                                         f"{stem.name}.json says {total} rows of {self.num_classes} classes")
+            # rows pair by binary search: each scan's indices must ascend (another writer may not
+            # have sorted them); checked once per chunk and process
+            step = np.diff(np.asarray(index, dtype=np.int64))
+            starts = [self.index[f].start for f in chunk_frames_of(self.meta, k)][1:]
+            boundary = np.zeros(len(step), bool)
+            boundary[[i - 1 for i in starts if 0 < i <= len(step)]] = True
+            if ((step <= 0) & ~boundary).any():
+                raise TeacherCacheError(f"{stem}.point_index.npy: a scan's point indices are not distinct and "
+                                        "ascending (the format asks for them sorted)")
             self._arrays[k] = (index, logits)
         return self._arrays[k]
 
@@ -165,7 +186,7 @@ class TeacherCache:
         where = self.index.get(frame_id)
         if where is None:
             raise TeacherCacheError(f"{self.root / 'meta.json'}: no rows for frame {frame_id}")
-        if where.num_scan_points != num_scan_points:
+        if where.num_scan_points != num_scan_points:  # (0: a bad frame the export skipped)
             raise TeacherCacheError(f"{chunk_stem(self.root, where.chunk)}.json: frame {frame_id} was cached with "
                                     f"{where.num_scan_points} points, its scan now has {num_scan_points}: "
                                     "the cache belongs to another dataset; export it again")
@@ -178,10 +199,25 @@ class TeacherCache:
         """Refuse a cache that cannot serve this run: frames it lacks, another label set, or
         (when the run knows its teacher) another teacher or other teacher inputs."""
         path = self.root / "meta.json"
+        frames = list(frames)
+        scans = {}
+        if frames and not isinstance(frames[0], str):  # Frame objects: their scans' sizes are checked too
+            scans = {f.frame_id: f.scan for f in frames}
+            frames = [f.frame_id for f in frames]
         missing = [f for f in frames if f not in self.index]
         if missing:
             raise TeacherCacheError(f"{path}: {len(missing)} training frame(s) are not in the cache "
                                     f"(first: {missing[0]}); export it for this training set")
+        for f, scan in scans.items():  # a .bin holds 16 bytes a point: a stat per scan, at the start
+            cached = self.index[f].num_scan_points
+            try:
+                now = Path(scan).stat().st_size // 16
+            except OSError:
+                continue  # a missing scan is the dataset's error, when (and if) it is read
+            if cached and now != cached:
+                raise TeacherCacheError(f"{chunk_stem(self.root, self.index[f].chunk)}.json: frame {f} was cached "
+                                        f"with {cached} points, its scan {scan} now has {now}: the cache belongs to "
+                                        "another dataset; export it again")
         if self.num_classes != num_classes or list(self.meta["class_names"]) != list(class_names):
             raise TeacherCacheError(f"{path}: {self.num_classes} classes {self.meta['class_names'][:3]}..., the "
                                     f"student has {num_classes} {list(class_names)[:3]}...")

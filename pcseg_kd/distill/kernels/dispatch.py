@@ -247,8 +247,8 @@ def applied_omega(student_logits: Tensor, teacher_logits: Tensor, target: Tensor
     Triton kernel keeps Ω in registers; the reference path; Ω with a gradient)."""
     if pssm is None or not pssm.detach or teacher_logits.requires_grad:
         return None
-    if select_backend(student_logits, teacher_logits, None, backend) not in ("torch", "compile"):
-        return None
+    if select_backend(student_logits, teacher_logits, None, backend) != "torch":
+        return None  # (the compiled loss computes Ω in compiled code: not bit for bit the eager Ω)
     return tf.omega_rows(student_logits.detach(), teacher_logits, target, pssm, ignore_index)
 
 

@@ -9,6 +9,7 @@ sharded over ranks; a killed export resumes at the first missing chunk.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import os
@@ -17,11 +18,13 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from ...data.kitti import teacher_cache as tc
 from ...registry import DATASETS
+from ...utils.lock import work_dir_lock
 from ..distributed import DistEnv, barrier, broadcast_object
 from .data import to_device
 from .objective import rows_of
@@ -95,48 +98,73 @@ def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher: Optional[tor
 
 
 def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optional[Path] = None,
-                   chunk_frames: int = 64, batch_size: Optional[int] = None, progress: bool = True,
+                   chunk_frames: Optional[int] = None, batch_size: Optional[int] = None, progress: bool = True,
                    num_workers: Optional[int] = None) -> Dict[str, Any]:
-    """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder);
+    """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder).
+
+    ``chunk_frames``: scans per chunk (default: an unfinished cache's own, else 64);
     ``batch_size``: scans per forward pass (default: the teacher's training batch, a size known
     to fit); ``num_workers``: loader processes (default: ``data.num_workers``, and at least one
     when a CPU core is left over by torch's threads, so that loading overlaps the forward pass
-    instead of taking cores from it).
+    instead of taking cores from it). With ``data.train.skip_bad_frames`` a bad scan is kept
+    in the cache with no rows (training skips it too); otherwise it is an error naming it.
     Returns {cache, frames, chunks, written, rows, bytes, seconds, startup_seconds (until the
     first batch arrived)}; the written chunks' figures are this rank's."""
-    from tqdm import tqdm
-
-    from ...data.kitti.collate import collate_kitti
     from .train import load_teacher
 
     out = Path(out) if out is not None else teacher_source(cfg, work_dir)[1]
-    device = env.device
-    teacher = load_teacher(cfg, work_dir, device)
+    teacher = load_teacher(cfg, work_dir, env.device)
     ds = DATASETS.build(export_dataset_cfg(cfg))
-    meta = tc.new_meta([f.frame_id for f in ds.frames], teacher.num_classes, ds.class_names,
-                       cache_fingerprint(cfg, work_dir, teacher), chunk_frames)
-    error = None
+    fingerprint = cache_fingerprint(cfg, work_dir, teacher)
+    # one exporter per cache folder: two runs with different teachers must not both pass the
+    # meta.json check and then write chunks under one meta
+    with (work_dir_lock(out) if env.is_main else contextlib.nullcontext()):
+        meta, todo = _plan(out, ds, teacher.num_classes, fingerprint, chunk_frames, env)
+        return _export(cfg, env, out, teacher, ds, meta, todo, batch_size, num_workers, progress)
+
+
+def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[int], env: DistEnv):
+    """(meta, this rank's chunks to write): decided on rank 0 and shared, so that every rank
+    splits the same list even if another has already written a chunk."""
+    error, plan = None, None
     if env.is_main:
         try:
-            if (out / "meta.json").is_file():
-                saved = tc.read_meta(out)
+            saved = tc.read_meta(out) if (out / "meta.json").is_file() else None
+            if chunk_frames is None:  # finishing an export: its own chunking
+                chunk_frames = saved["chunk_frames"] if saved else 64
+            meta = tc.new_meta([f.frame_id for f in ds.frames], num_classes, ds.class_names, fingerprint,
+                               chunk_frames)
+            if saved is not None:
                 diff = sorted(k for k in meta if saved.get(k) != meta[k])
                 if diff:
                     raise tc.TeacherCacheError(
-                        f"{out / 'meta.json'}: a teacher cache exported with other settings is there ({', '.join(diff)} "
-                        "differ): delete that folder to export again, or export elsewhere (--out)")
+                        f"{out / 'meta.json'}: a teacher cache exported with other settings is there "
+                        f"({', '.join(diff)} differ): delete that folder to export again, or export "
+                        "elsewhere (--out)")
             else:
                 from ...utils.io import write_json
                 write_json(out / "meta.json", meta)
+            done = set(tc.complete_chunks(out, meta))
+            plan = (meta, [k for k in range(tc.num_chunks(meta)) if k not in done])
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
-    failed = broadcast_object(None if error is None else str(error), env)
+    shared = broadcast_object({"error": None if error is None else str(error), "plan": plan}, env)
     if error is not None:
         raise error
-    if failed:
-        raise tc.TeacherCacheError(failed)
-    done = set(tc.complete_chunks(out, meta))
-    todo = [k for k in range(tc.num_chunks(meta)) if k not in done][env.rank::env.world_size]
+    if shared["error"]:
+        raise tc.TeacherCacheError(shared["error"])
+    meta, todo = shared["plan"]
+    return meta, todo[env.rank::env.world_size]
+
+
+def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, num_workers,
+            progress: bool) -> Dict[str, Any]:
+    from tqdm import tqdm
+
+    from ...data.kitti.collate import collate_kitti
+
+    device = env.device
+    chunk_frames = meta["chunk_frames"]
     use_amp = device.type == "cuda" and cfg["student"]["optim"].get("amp", False)
     t0 = time.perf_counter()
     rows = written_bytes = 0
@@ -148,17 +176,25 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
         spare = (os.cpu_count() or 1) > torch.get_num_threads()
         num_workers = max(int(spare), cfg["data"]["num_workers"])
     batch_size = batch_size or cfg["teacher"]["optim"]["batch_size"]
-    loader = DataLoader(Subset(ds, indices), batch_size=batch_size, collate_fn=collate_kitti, num_workers=num_workers,
-                        pin_memory=device.type == "cuda")
+    skip_bad = bool(cfg["data"]["train"].get("skip_bad_frames"))
+    loader = DataLoader(_Scans(ds, indices, skip_bad), batch_size=batch_size, collate_fn=list,
+                        num_workers=num_workers)
     pending = iter(todo)
     k, buffer = None, ([], [], [])  # the chunk being filled: logits, point indices, scan sizes
     startup = None  # until the first batch arrives: worker start-up, the first scan's loading
     with torch.no_grad():
-        for batch in loader:
+        for items in loader:
             if startup is None:
                 startup = time.perf_counter() - t0
-            got = _teacher_rows(teacher, to_device(batch, device), use_amp)
-            for scan in zip(*got, batch["num_scan_points"]):
+            good = [x for x in items if "bad_frame" not in x]
+            got = iter(())
+            if good:
+                logits, raw = _teacher_rows(teacher, to_device(collate_kitti(good), device), use_amp)
+                got = iter(zip(logits, raw, [x["num_scan_points"] for x in good]))
+            # a bad frame keeps its place with no rows: training never reads it (it substitutes
+            # the next good frame, whose own rows are cached)
+            for item in items:
+                scan = _NO_ROWS(teacher.num_classes) if "bad_frame" in item else next(got)
                 if k is None:
                     k = next(pending)
                 for part, value in zip(buffer, scan):
@@ -169,7 +205,7 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
                     written_bytes += sum(Path(f"{tc.chunk_stem(out, k)}{e}").stat().st_size
                                          for e in (".json", ".logits.npy", ".point_index.npy"))
                     k, buffer = None, ([], [], [])
-            bar.update(batch["batch_size"])
+            bar.update(len(items))
     bar.close()
     barrier(env)
     return {"cache": str(out), "frames": len(meta["frames"]), "chunks": tc.num_chunks(meta), "written": len(todo),
@@ -177,17 +213,47 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
             "startup_seconds": startup or 0.0}
 
 
+def _NO_ROWS(num_classes: int):
+    """A bad frame's entry: no logits, no points (its scan size unknown: 0)."""
+    return np.zeros((0, num_classes), np.float32), np.zeros(0, np.int64), 0
+
+
+class _Scans(torch.utils.data.Dataset):
+    """The export's scans in order; with ``skip_bad``, a bad frame becomes a marker instead of
+    an error (the training set skips it too)."""
+
+    def __init__(self, ds, indices: List[int], skip_bad: bool):
+        self.ds, self.indices, self.skip_bad = ds, indices, skip_bad
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> Dict[str, Any]:
+        from ...data.kitti.errors import KittiDataError
+        try:
+            return self.ds[self.indices[i]]
+        except KittiDataError:
+            if not self.skip_bad:
+                raise
+            return {"bad_frame": self.ds.frames[self.indices[i]].frame_id}
+
+
 def _teacher_rows(teacher: torch.nn.Module, batch: Dict[str, Any], use_amp: bool):
     """Per scan of ``batch``: the teacher's logits [R, C] (CPU, float32) and the raw point
-    index of each row."""
+    index of each row, for the rows where the teacher had its full input."""
     with torch.autocast(batch["points"].device.type, dtype=torch.float16, enabled=use_amp):
-        logits = teacher(batch)["logits"].float()
+        out = teacher(batch)
+    logits = out["logits"].float()
     if rows_of(teacher) == "in_view":
         rows, offsets = batch["img_point_idx"], batch["img_offsets"]
     else:
         rows, offsets = torch.arange(len(batch["points"]), device=logits.device), batch["offsets"]
     raw = batch["point_index"][rows].cpu().numpy()
     logits = logits.cpu().numpy()
-    offsets = offsets.tolist()
-    return ([logits[offsets[b]:offsets[b + 1]] for b in range(batch["batch_size"])],
-            [raw[offsets[b]:offsets[b + 1]] for b in range(batch["batch_size"])])
+    parts = [slice(a, b) for a, b in zip(offsets.tolist(), offsets.tolist()[1:])]
+    if out.get("point_valid") is None:
+        return [logits[p] for p in parts], [raw[p] for p in parts]
+    # a point without a voxel here (out_of_range: drop) got no point feature, so its row is not
+    # the teacher's answer; augmentation may give it a student voxel later: not cached
+    keep = out["point_valid"][rows].cpu().numpy()
+    return [logits[p][keep[p]] for p in parts], [raw[p][keep[p]] for p in parts]

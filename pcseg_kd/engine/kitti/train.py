@@ -140,7 +140,7 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
     fp = {"model": section["model"], "optim": section["optim"], "loss": section.get("loss"),
           "train": cfg["data"]["train"], "seed": cfg["seed"], "amp": use_amp, "threads": cfg["threads"],
           "world_size": env.world_size, "steps_per_epoch": steps}
-    if cfg.get("sync_bn"):  # only when set: checkpoints written before the option still resume
+    if cfg.get("sync_bn") and env.distributed:  # only where it acts: older checkpoints still resume
         fp["sync_bn"] = True
     if stage == "teacher":
         fp["loss_weights"] = cfg["teacher"].get("loss_weights") or {}
@@ -151,7 +151,7 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
             source, cache = teacher_source(cfg, work_dir)
             if source == "cache":
                 fp["teacher"] = (read_meta(cache)["fingerprint"] if (cache / "meta.json").is_file()
-                                 else cache_fingerprint(cfg, work_dir))
+                                 else cache_fingerprint(cfg, work_dir) or {"cache": "missing"})
             else:
                 fp["teacher"] = teacher_fingerprint(cfg, work_dir)
     return fp
@@ -212,9 +212,12 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller)
     if final.is_file():
         state = load_checkpoint(final, mmap=True)  # its fingerprint and metrics only
-        # a finished stage can be reused on another number of processes or threads
-        check_fingerprint(final, state.get("fingerprint"), fingerprint,
-                          ignore=("world_size", "steps_per_epoch", "threads"))
+        # a finished stage can be reused on another number of processes or threads, and without
+        # the teacher cache it was trained from
+        ignore = ("world_size", "steps_per_epoch", "threads", "sync_bn")
+        if fingerprint.get("teacher") == {"cache": "missing"}:
+            ignore += ("teacher",)
+        check_fingerprint(final, state.get("fingerprint"), fingerprint, ignore=ignore)
         if env.is_main:
             print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
             if not (stage_dir / "metrics.json").is_file():  # killed between final.pt and metrics.json
@@ -418,7 +421,7 @@ def ensure_teacher_cache(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, trai
             print(f"[student] exporting the teacher's logits to {path} (distiller.teacher_source: cache)", flush=True)
         export_teacher(cfg, work_dir, env, path, progress=progress)
     cache = TeacherCache(path)
-    cache.check_run([f.frame_id for f in train_ds.frames], train_ds.num_classes, train_ds.class_names, expected)
+    cache.check_run(train_ds.frames, train_ds.num_classes, train_ds.class_names, expected)
     return cache
 
 

@@ -139,6 +139,7 @@ class TTAModel(nn.Module):
         self.num_classes = model.num_classes
         self.views = tta_views(n)
         self.voxel_size, self.point_range, self.out_of_range = list(voxel_size), list(point_range), out_of_range
+        self.train(model.training)  # the wrapper reports the wrapped model's mode (evaluate restores it)
 
     def view_batch(self, batch: Dict[str, Any], view: View) -> Dict[str, Any]:
         # the identity view is the batch as loaded: --tta n starts from exactly the --tta 1 input

@@ -8,7 +8,7 @@ from __future__ import annotations
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -56,6 +56,24 @@ def check_dataset_options(voxel_size=None, point_range=None, image_crop_hw=None,
         problems.append(f"image_scale must be a number in (0, 4], got {image_scale!r}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def input_settings(data_cfg: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
+    """The dataset options ``keys`` of a dataset config as the dataset will use them: unset
+    (or null) ones at the dataset's defaults, lists as lists of floats. Compared to tell whether
+    two configs give a model the same input (a checkpoint's scoring, a teacher cache)."""
+    import inspect
+
+    params = inspect.signature(SemanticKITTIDataset).parameters
+    defaults = {k: params[k].default for k in keys}
+    defaults.update({k: v for k, v in (("voxel_size", DEFAULT_VOXEL_SIZE), ("point_range", DEFAULT_POINT_RANGE),
+                                       ("image_mean", IMAGENET_MEAN), ("image_std", IMAGENET_STD)) if k in keys})
+    out = {}
+    for k in keys:
+        v = data_cfg.get(k)
+        v = defaults[k] if v is None else v
+        out[k] = [float(x) for x in v] if isinstance(v, (list, tuple)) else v
+    return out
 
 
 @DATASETS.register_module("semantickitti")

@@ -187,12 +187,16 @@ class TeacherCache:
         if where is None:
             raise TeacherCacheError(f"{self.root / 'meta.json'}: no rows for frame {frame_id}")
         if where.num_scan_points != num_scan_points:  # (0: a bad frame the export skipped)
-            raise TeacherCacheError(f"{chunk_stem(self.root, where.chunk)}.json: frame {frame_id} was cached with "
-                                    f"{where.num_scan_points} points, its scan now has {num_scan_points}: "
-                                    "the cache belongs to another dataset; export it again")
+            self._other_scan(frame_id, num_scan_points)
         index, logits = self._chunk(where.chunk)
         return (np.asarray(index[where.start:where.end], dtype=np.int64),
                 np.asarray(logits[where.start:where.end]))
+
+    def _other_scan(self, frame_id: str, points: int, scan: Optional[Path] = None) -> None:
+        where = self.index[frame_id]
+        raise TeacherCacheError(f"{chunk_stem(self.root, where.chunk)}.json: frame {frame_id} was cached with "
+                                f"{where.num_scan_points} points, its scan{f' {scan}' if scan else ''} now has "
+                                f"{points}: the cache belongs to another dataset; export it again")
 
     def check_run(self, frames: Sequence[str], num_classes: int, class_names: Sequence[str],
                   fingerprint: Optional[Dict[str, Any]] = None) -> None:
@@ -215,9 +219,7 @@ class TeacherCache:
             except OSError:
                 continue  # a missing scan is the dataset's error, when (and if) it is read
             if cached and now != cached:
-                raise TeacherCacheError(f"{chunk_stem(self.root, self.index[f].chunk)}.json: frame {f} was cached "
-                                        f"with {cached} points, its scan {scan} now has {now}: the cache belongs to "
-                                        "another dataset; export it again")
+                self._other_scan(f, now, scan)
         if self.num_classes != num_classes or list(self.meta["class_names"]) != list(class_names):
             raise TeacherCacheError(f"{path}: {self.num_classes} classes {self.meta['class_names'][:3]}..., the "
                                     f"student has {num_classes} {list(class_names)[:3]}...")

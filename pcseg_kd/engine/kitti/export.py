@@ -16,7 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +32,9 @@ from .objective import rows_of
 # dataset settings that decide what the teacher sees (augmentation and frame selection aside)
 TEACHER_INPUT_KEYS = ("voxel_size", "point_range", "out_of_range", "fov_only", "image_scale", "camera",
                       "image_mean", "image_std", "load_image")
-ENGINE_KEYS = {"teacher_source": str, "teacher_cache": Optional[str]}  # distiller keys the engine reads
+# the distiller keys the engine reads (and the config schema checks): online runs the frozen
+# teacher each step, cache reads its exported logits (default folder WORK/teacher_cache)
+ENGINE_KEYS = {"teacher_source": Literal["online", "cache"], "teacher_cache": Optional[str]}
 
 
 def teacher_source(cfg: Dict[str, Any], work_dir: Path) -> Tuple[str, Path]:
@@ -49,19 +51,8 @@ def without_engine_keys(distiller_cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def teacher_inputs(data_cfg: Dict[str, Any]) -> Dict[str, Any]:
     """:data:`TEACHER_INPUT_KEYS` of a dataset config, with the dataset's defaults filled in."""
-    from ...data.kitti.augment import IMAGENET_MEAN, IMAGENET_STD
-    from ...data.kitti.dataset import DEFAULT_POINT_RANGE, DEFAULT_VOXEL_SIZE, SemanticKITTIDataset
-
-    params = inspect.signature(SemanticKITTIDataset).parameters
-    defaults = {k: params[k].default for k in TEACHER_INPUT_KEYS}
-    defaults.update(voxel_size=DEFAULT_VOXEL_SIZE, point_range=DEFAULT_POINT_RANGE,
-                    image_mean=IMAGENET_MEAN, image_std=IMAGENET_STD)
-    out = {}
-    for k in TEACHER_INPUT_KEYS:
-        v = data_cfg.get(k)
-        v = defaults[k] if v is None else v
-        out[k] = [float(x) for x in v] if isinstance(v, (list, tuple)) else v
-    return out
+    from ...data.kitti.dataset import input_settings
+    return input_settings(data_cfg, TEACHER_INPUT_KEYS)
 
 
 def export_dataset_cfg(cfg: Dict[str, Any]) -> Dict[str, Any]:
@@ -99,7 +90,7 @@ def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher: Optional[tor
 
 def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optional[Path] = None,
                    chunk_frames: Optional[int] = None, batch_size: Optional[int] = None, progress: bool = True,
-                   num_workers: Optional[int] = None) -> Dict[str, Any]:
+                   num_workers: Optional[int] = None, fingerprint: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Write (or finish) the teacher cache at ``out`` (default: the run's cache folder).
 
     ``chunk_frames``: scans per chunk (default: an unfinished cache's own, else 64);
@@ -109,13 +100,14 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     instead of taking cores from it). With ``data.train.skip_bad_frames`` a bad scan is kept
     in the cache with no rows (training skips it too); otherwise it is an error naming it.
     Returns {cache, frames, chunks, written, rows, bytes, seconds, startup_seconds (until the
-    first batch arrived)}; the written chunks' figures are this rank's."""
+    first batch arrived)}; the written chunks' figures are this rank's. ``fingerprint``: the
+    teacher's :func:`cache_fingerprint` when the caller has computed it already."""
     from .train import load_teacher
 
     out = Path(out) if out is not None else teacher_source(cfg, work_dir)[1]
     teacher = load_teacher(cfg, work_dir, env.device)
     ds = DATASETS.build(export_dataset_cfg(cfg))
-    fingerprint = cache_fingerprint(cfg, work_dir, teacher)
+    fingerprint = fingerprint or cache_fingerprint(cfg, work_dir, teacher)
     # one exporter per cache folder: two runs with different teachers must not both pass the
     # meta.json check and then write chunks under one meta
     with (work_dir_lock(out) if env.is_main else contextlib.nullcontext()):

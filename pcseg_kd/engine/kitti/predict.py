@@ -67,24 +67,15 @@ def load_model(checkpoint: Path, device: torch.device, model_cfg: Optional[Dict[
                          f"{model_cfg.get('type')!r} in this config: pass the matching --stage")
     trained = (state.get("config") or {}).get("data", {}).get("train")
     if trained and data_cfg:
-        import inspect
-
-        from ...data.kitti.dataset import DEFAULT_POINT_RANGE, DEFAULT_VOXEL_SIZE, SemanticKITTIDataset
-        params = inspect.signature(SemanticKITTIDataset).parameters
-        defaults = {k: params[k].default for k in INPUT_KEYS}  # None for the grid: the dataset's defaults
-        defaults.update(voxel_size=DEFAULT_VOXEL_SIZE, point_range=DEFAULT_POINT_RANGE)
-        diff = [f"{k}: trained {trained.get(k, defaults[k])}, now {data_cfg.get(k, defaults[k])}" for k in INPUT_KEYS
-                if list(_as_list(trained.get(k, defaults[k]))) != list(_as_list(data_cfg.get(k, defaults[k])))]
+        from ...data.kitti.dataset import input_settings
+        was, now = input_settings(trained, INPUT_KEYS), input_settings(data_cfg, INPUT_KEYS)
+        diff = [f"{k}: trained {was[k]}, now {now[k]}" for k in INPUT_KEYS if was[k] != now[k]]
         if diff:
             raise ValueError(f"{checkpoint} was trained with other input settings ({'; '.join(diff)}): score it "
                              "with the config it was trained with")
     model = MODELS.build(without_pretrained(stored or model_cfg))
     load_weights(model, weights, checkpoint)
     return model.to(device).eval()
-
-
-def _as_list(v):
-    return v if isinstance(v, (list, tuple)) else [v]
 
 
 @torch.no_grad()

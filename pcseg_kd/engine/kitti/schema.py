@@ -11,7 +11,7 @@ says which points the student sees: ``fov`` (the authors': in-view points only) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Literal, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from omegaconf import OmegaConf
@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from ...config import ConfigError, load_config_with_provenance, registry_field
 from ...registry import DATASETS, DISTILLERS, MODELS
 from ..runner import import_all, run_checks
+from .export import ENGINE_KEYS, without_engine_keys
 
 STAGES = ("teacher", "baseline", "student")
 PROTOCOLS = ("fov", "full")
@@ -100,10 +101,8 @@ class KittiExperimentConfig:
     teacher_checkpoint: Optional[str] = None   # use these teacher weights instead of training the teacher
     student: StageConfig = field(default_factory=StageConfig)   # the baseline stage uses it too
     protocol: str = "full"          # "fov": the student sees in-view points only (authors); "full": 2DPASS
-    # besides the distiller's own keys: teacher_source (online: run the frozen teacher each
-    # step; cache: read its exported logits) and teacher_cache (default WORK/teacher_cache)
-    distiller: Dict[str, Any] = registry_field(DISTILLERS, engine_keys={
-        "teacher_source": Literal["online", "cache"], "teacher_cache": Optional[str]})
+    # besides the distiller's own keys: teacher_source and teacher_cache (export.ENGINE_KEYS)
+    distiller: Dict[str, Any] = registry_field(DISTILLERS, engine_keys=ENGINE_KEYS)
     stages: List[str] = field(default_factory=lambda: ["teacher", "student"])
     eval_interval: int = 1          # epochs between validations (the last epoch is always validated)
     log_interval: int = 20          # steps between logged losses (the only host syncs of a step)
@@ -130,7 +129,6 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
                                       "(leave fov_only unset; the protocol sets it)")
                 out["data"][split]["fov_only"] = out["protocol"] == "fov"
     def distiller():
-        from .export import without_engine_keys
         built = DISTILLERS.build(without_engine_keys(out["distiller"]))
         if out["distiller"].get("teacher_source") == "cache" and built.uses_features:
             raise ValueError(f"teacher_source: cache holds the teacher's logits only; {out['distiller']['type']!r} "

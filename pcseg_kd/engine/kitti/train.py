@@ -133,7 +133,7 @@ def teacher_fingerprint(cfg: Dict[str, Any], work_dir: Path) -> Dict[str, Any]:
 
 
 def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int, use_amp: bool,
-                      work_dir: Path, distiller) -> Dict[str, Any]:
+                      work_dir: Path, distiller, expected_cache: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The settings a stage's weights depend on; checkpoints carry it, and resuming or
     reusing one under different settings is an error rather than a silent mix."""
     section = cfg[model_section(stage)]
@@ -150,8 +150,9 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
         if distiller.has_kd:
             source, cache = teacher_source(cfg, work_dir)
             if source == "cache":
+                # the cache's own fingerprint; before its export, the one it will have (``expected_cache``)
                 fp["teacher"] = (read_meta(cache)["fingerprint"] if (cache / "meta.json").is_file()
-                                 else cache_fingerprint(cfg, work_dir) or {"cache": "missing"})
+                                 else expected_cache or {"cache": "missing"})
             else:
                 fp["teacher"] = teacher_fingerprint(cfg, work_dir)
     return fp
@@ -209,7 +210,11 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     seg = SegLoss(ce=loss_cfg.get("ce", 1.0), lovasz=loss_cfg.get("lovasz", 0.0),
                   class_weights=(class_weights or {}).get(model_section(stage)),
                   ignore_index=train_ds.ignore_index).to(device)
-    fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller)
+    expected_cache = None  # the fingerprint a cache exported from this run's teacher has (None: no weights)
+    cached_kd = distiller is not None and distiller.has_kd and teacher_source(cfg, work_dir)[0] == "cache"
+    if cached_kd:
+        expected_cache = cache_fingerprint(cfg, work_dir, device=device)  # loads and hashes the teacher: once
+    fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller, expected_cache)
     if final.is_file():
         state = load_checkpoint(final, mmap=True)  # its fingerprint and metrics only
         # a finished stage can be reused on another number of processes or threads, and without
@@ -235,9 +240,8 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     rows = rows_of(model)
     teacher = None
     if distiller is not None:
-        if distiller.has_kd and teacher_source(cfg, work_dir)[0] == "cache":
-            # the teacher's rows come with each sample: no teacher in the step
-            cache = ensure_teacher_cache(cfg, work_dir, env, train_ds, progress)
+        if cached_kd:  # the teacher's rows come with each sample: no teacher in the step
+            cache = ensure_teacher_cache(cfg, work_dir, env, train_ds, expected_cache, progress)
             train_ds = TeacherCacheDataset(train_ds, cache)
         elif distiller.has_kd:  # the no-KD baseline needs no teacher
             teacher = load_teacher(cfg, work_dir, device)
@@ -401,15 +405,16 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
 
 
 def ensure_teacher_cache(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, train_ds,
-                         progress: bool = True) -> TeacherCache:
-    """The run's teacher cache, checked against the run; exported first (or finished, when
-    a killed export left it incomplete) when the run has the teacher's weights."""
+                         expected: Optional[Dict[str, Any]], progress: bool = True) -> TeacherCache:
+    """The run's teacher cache, checked against ``expected`` (:func:`.export.cache_fingerprint`
+    of the run's teacher; None: the run has no teacher weights); exported first (or finished,
+    when a killed export left it incomplete) when the run has the teacher's weights."""
     _, path = teacher_source(cfg, work_dir)
-    expected = cache_fingerprint(cfg, work_dir, device=env.device)  # None: no teacher weights here
     complete = None
     if env.is_main:  # decided once: every rank must take part in an export or none
-        complete = (path / "meta.json").is_file() and \
-            len(complete_chunks(path, read_meta(path))) == num_chunks(read_meta(path))
+        if (path / "meta.json").is_file():
+            meta = read_meta(path)
+            complete = len(complete_chunks(path, meta)) == num_chunks(meta)
     complete = broadcast_object(complete, env)
     if not complete:
         if expected is None:
@@ -419,7 +424,7 @@ def ensure_teacher_cache(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, trai
                                     "at a complete cache")
         if env.is_main:
             print(f"[student] exporting the teacher's logits to {path} (distiller.teacher_source: cache)", flush=True)
-        export_teacher(cfg, work_dir, env, path, progress=progress)
+        export_teacher(cfg, work_dir, env, path, progress=progress, fingerprint=expected)
     cache = TeacherCache(path)
     cache.check_run(train_ds.frames, train_ds.num_classes, train_ds.class_names, expected)
     return cache

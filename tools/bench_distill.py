@@ -90,6 +90,42 @@ def teacher_forward_per_scan(cfg, work_dir, env, batches: int = 3):
     return statistics.median(times[1:] if len(times) > 2 else times)  # the first pass warms up
 
 
+def median_ms(fn, repeats: int = 5) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def breakdown(cfg, cache_dir, train_ds, env):
+    """Where the cached step's extra time goes, and what a scan costs to read: ms of reading
+    one scan (the dataset's whole load), of its cache lookup, and of the distiller's KD term
+    forward + backward on one batch's cached rows (PSSM statistics on, as in training)."""
+    from pcseg_kd.data.kitti.collate import collate_kitti
+    from pcseg_kd.data.kitti.teacher_cache import TeacherCache, TeacherCacheDataset
+    from pcseg_kd.engine.kitti.export import without_engine_keys
+    from pcseg_kd.registry import DISTILLERS
+
+    cached = TeacherCacheDataset(train_ds, TeacherCache(cache_dir))
+    load = median_ms(lambda: train_ds[1])
+    lookup = median_ms(lambda: cached[1]) - load
+    size = cfg["student"]["optim"]["batch_size"]
+    batch = collate_kitti([cached[i] for i in range(size)])
+    d = DISTILLERS.build({**without_engine_keys(cfg["distiller"]), "ignore_index": train_ds.ignore_index})
+    if hasattr(d, "track_omega"):
+        d.track_omega()
+    rows = batch["kd_point_idx"]
+    logits = torch.randn(len(batch["points"]), batch["teacher_logits"].shape[1], requires_grad=True)
+
+    def kd():
+        d.kd_loss(logits[rows], batch["teacher_logits"].float(), batch["labels"][rows],
+                  d.warmup_epochs + 1).backward()
+    return load, lookup, median_ms(kd, 10), len(rows)
+
+
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=options)
     if args.steps < 1 or args.warmup < 1 or args.repeats < 1:
@@ -157,6 +193,9 @@ def main(argv=None):
           f"{export_s / scans / forward:.2f}x, {steady / forward:.2f}x after start-up")
     print(f"  cache on disk   {exported['bytes'] / scans / 1e6:8.2f} MB/scan  ({exported['rows'] / scans:.0f} rows x "
           f"{read_meta(exported['cache'])['num_classes']} classes, float16, + int32 index)")
+    load, lookup, kd, kd_rows = breakdown(cfg, exported["cache"], train_ds, env)
+    print(f"  breakdown       reading a scan {load:.1f} ms, its cache lookup {lookup:.2f} ms; KD term forward + "
+          f"backward on a batch's {kd_rows} cached rows {kd:.1f} ms (alone, CPU tensors)")
     print(f"online/no-KD step ratio: {runs['online teacher'] / runs['no KD']:.3f}")
     print(f"cache/no-KD step ratio: {runs['teacher cache'] / runs['no KD']:.3f}")
     return runs

@@ -10,13 +10,11 @@ sharded over ranks; a killed export resumes at the first missing chunk.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import inspect
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Literal, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -29,63 +27,15 @@ from ..distributed import DistEnv, barrier, broadcast_object
 from .data import to_device
 from .objective import rows_of
 
-# dataset settings that decide what the teacher sees (augmentation and frame selection aside)
-TEACHER_INPUT_KEYS = ("voxel_size", "point_range", "out_of_range", "fov_only", "image_scale", "camera",
-                      "image_mean", "image_std", "load_image")
-# the distiller keys the engine reads (and the config schema checks): online runs the frozen
-# teacher each step, cache reads its exported logits (default folder WORK/teacher_cache)
-ENGINE_KEYS = {"teacher_source": Literal["online", "cache"], "teacher_cache": Optional[str]}
-
-
-def teacher_source(cfg: Dict[str, Any], work_dir: Path) -> Tuple[str, Path]:
-    """(``online`` | ``cache``, the cache folder: ``distiller.teacher_cache`` or WORK/teacher_cache)."""
-    d = cfg["distiller"]
-    path = Path(d["teacher_cache"]) if d.get("teacher_cache") else Path(work_dir) / "teacher_cache"
-    return d.get("teacher_source", "online"), path
-
-
-def without_engine_keys(distiller_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """The distiller config its constructor takes (the teacher source is the engine's)."""
-    return {k: v for k, v in distiller_cfg.items() if k not in ENGINE_KEYS}
-
-
-def teacher_inputs(data_cfg: Dict[str, Any]) -> Dict[str, Any]:
-    """:data:`TEACHER_INPUT_KEYS` of a dataset config, with the dataset's defaults filled in."""
-    from ...data.kitti.dataset import input_settings
-    return input_settings(data_cfg, TEACHER_INPUT_KEYS)
+from .teacher import cache_fingerprint, load_teacher, teacher_source
+# their home before the teacher module: kept importable from here
+from .teacher import ENGINE_KEYS, teacher_inputs, without_engine_keys  # noqa: F401,E402
 
 
 def export_dataset_cfg(cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The training set as the teacher sees it for the cache: no augmentation, the whole
     image, no substituted frames (a cached row must belong to its own scan)."""
     return {**cfg["data"]["train"], "augment": False, "image_crop_hw": None, "skip_bad_frames": False}
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def teacher_weights_path(cfg: Dict[str, Any], work_dir: Path) -> Path:
-    return Path(cfg["teacher_checkpoint"]) if cfg.get("teacher_checkpoint") else Path(work_dir) / "teacher" / "final.pt"
-
-
-def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher: Optional[torch.nn.Module] = None,
-                      device: torch.device = torch.device("cpu")) -> Optional[Dict[str, Any]]:
-    """What a cache exported from this run's teacher depends on: the teacher (its settings
-    and a digest of its weights) and its inputs. None when the run has no teacher weights
-    (a cache written by another teacher, e.g. another framework's, is then taken as it is)."""
-    from .train import load_teacher, teacher_fingerprint
-
-    if teacher is None:
-        if not teacher_weights_path(cfg, work_dir).is_file():
-            return None
-        teacher = load_teacher(cfg, work_dir, device)
-    return {"teacher": {"settings": teacher_fingerprint(cfg, work_dir), "weights_sha256": weights_digest(teacher)},
-            "inputs": teacher_inputs(cfg["data"]["train"])}
 
 
 def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optional[Path] = None,
@@ -102,8 +52,6 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     Returns {cache, frames, chunks, written, rows, bytes, seconds, startup_seconds (until the
     first batch arrived)}; the written chunks' figures are this rank's. ``fingerprint``: the
     teacher's :func:`cache_fingerprint` when the caller has computed it already."""
-    from .train import load_teacher
-
     out = Path(out) if out is not None else teacher_source(cfg, work_dir)[1]
     teacher = load_teacher(cfg, work_dir, env.device)
     ds = DATASETS.build(export_dataset_cfg(cfg))

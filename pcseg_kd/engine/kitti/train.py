@@ -33,11 +33,10 @@ from ..loggers import StageLogger
 from ..sync_bn import convert_sync_batchnorm
 from .data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
 from .evaluate import evaluate
-from .export import cache_fingerprint, export_teacher, teacher_source, teacher_weights_path, without_engine_keys
+from .export import export_teacher
+from .teacher import (ResumeMismatch, cache_fingerprint, load_frozen, load_teacher, load_weights,  # noqa: F401
+                      teacher_fingerprint, teacher_source, teacher_weights_path, without_engine_keys, without_pretrained)
 from .objective import SegLoss, rows_of, student_loss, teacher_loss
-
-class ResumeMismatch(ValueError):
-    """A stage's checkpoint was written under a different configuration."""
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -70,66 +69,6 @@ class StageResult:
 
 def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-
-def load_teacher(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> nn.Module:
-    path = Path(cfg["teacher_checkpoint"]) if cfg.get("teacher_checkpoint") else work_dir / "teacher" / "final.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"teacher weights {path} do not exist: run the teacher stage first "
-                                "(stages: [teacher, student]) or set teacher_checkpoint")
-    return load_frozen(path, cfg["teacher"]["model"], device, "teacher.model")
-
-
-def load_frozen(path: Path, configured: Dict[str, Any], device: torch.device, key: str = "model") -> nn.Module:
-    """A trained model (a stage's final.pt, or a bare state_dict of ``configured``), in eval
-    mode with frozen parameters."""
-    state = load_checkpoint(path)
-    weights = state.get("model", state)  # a final.pt, or a bare state_dict
-    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
-        raise ValueError(f"weights {path}: neither a pcseg_kd final.pt nor a state_dict")
-    stored = state.get("model_cfg")
-    if stored and stored.get("type") != configured.get("type"):
-        raise ValueError(f"weights {path} hold a {stored.get('type')!r} model, but {key} is a "
-                         f"{configured.get('type')!r}: point teacher_checkpoint at a teacher's final.pt")
-    # the trained weights replace any pretrained backbone: do not read that file again
-    model = MODELS.build(without_pretrained(stored or configured))
-    load_weights(model, weights, path)
-    model.to(device).eval()  # eval for good: BatchNorm statistics stay as trained
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
-
-
-def without_pretrained(model_cfg: Any) -> Any:
-    """A model config with every ``pretrained`` entry (at any depth) removed."""
-    if isinstance(model_cfg, dict):
-        return {k: without_pretrained(v) for k, v in model_cfg.items() if k != "pretrained"}
-    return model_cfg
-
-
-def load_weights(model: nn.Module, weights: Dict[str, Tensor], path: Path) -> None:
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise ResumeMismatch(f"{path}: weights do not fit the configured {type(model).__name__} "
-                             f"({str(e).splitlines()[0]} ...): the model config changed since it was "
-                             "written; use the config it was trained with, or another --work-dir") from e
-
-
-def teacher_fingerprint(cfg: Dict[str, Any], work_dir: Path) -> Dict[str, Any]:
-    """What the student stage depends on of its teacher: the teacher stage's fingerprint, or
-    the identity (path, size, mtime) of an external ``teacher_checkpoint``."""
-    if cfg.get("teacher_checkpoint"):
-        p = Path(cfg["teacher_checkpoint"])
-        if not p.is_file():
-            return {"path": str(p.resolve()), "missing": True}
-        stored = load_checkpoint(p, mmap=True).get("fingerprint") if p.suffix == ".pt" else None
-        if stored:  # a pcseg_kd final.pt: its settings, wherever the file has been moved or copied
-            return stored
-        st = p.stat()
-        return {"path": str(p.resolve()), "size": st.st_size, "mtime": st.st_mtime_ns}
-    final = work_dir / "teacher" / "final.pt"
-    return load_checkpoint(final, mmap=True).get("fingerprint", {}) if final.is_file() else {}
 
 
 def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int, use_amp: bool,

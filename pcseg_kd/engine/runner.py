@@ -25,7 +25,7 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None,
     p = argparse.ArgumentParser(description=description)
     p.add_argument("config", help="YAML config (may use _base_)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds.num=10 distiller.beta=2")
-    p.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config name>)")
+    p.add_argument("--work-dir", default=None, help="output folder (default: work_dirs/<config's parent folder>/<config stem>, e.g. configs/kitti/quickstart.yaml -> work_dirs/kitti/quickstart)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     p.add_argument("--force", action="store_true", help="recompute results that are already in the work dir")
     if extra is not None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import os
 import typing
 from pathlib import Path
@@ -49,8 +50,30 @@ _FLOAT_12 = __import__("re").compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[e
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_12, list("-+0123456789."))
 
 
+def _construct_mapping_unique(loader: yaml.SafeLoader, node: yaml.MappingNode, deep: bool = False) -> Any:
+    # PyYAML keeps the last of two equal keys without a word: a setting written twice in one
+    # mapping (an edit that forgot the first) would silently take whichever came last
+    seen: Dict[Any, Any] = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node)
+        except TypeError:  # an unhashable key: PyYAML's own error says so
+            continue
+        if first is not key_node:
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} in one mapping (first on line {first.start_mark.line + 1}; "
+                            "YAML would silently keep the last value)", key_node.start_mark)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+
+_Loader.construct_mapping = _construct_mapping_unique  # type: ignore[assignment]
+
+
 def yaml_load(stream: Any) -> Any:
-    """``yaml.safe_load`` with ``1e-3`` read as a float."""
+    """``yaml.safe_load`` with ``1e-3`` read as a float and a key given twice in one mapping an error."""
     return yaml.load(stream, Loader=_Loader)
 
 
@@ -58,10 +81,15 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml_load(f)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text config (not UTF-8: byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); is this a binary file?") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -343,11 +371,26 @@ def _validate_dataclass(path: str, data: Any, schema: type, prov, errors) -> dic
     return out
 
 
+def _check_finite(path: str, value: Any, prov, errors: List[str]) -> None:
+    """No setting of any task means anything as NaN or ±inf (YAML's ``.nan`` / ``.inf``): one
+    walk over the whole tree, so that a new key is covered without a check of its own
+    (``lr=.inf`` passes ``lr > 0`` and fails later as a non-finite loss)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        errors.append(f"{_where(prov, path.split('[')[0])}: {path}: must be a finite number, got {value!r}")
+    elif isinstance(value, Mapping):
+        for k, v in value.items():
+            _check_finite(f"{path}.{k}" if path else str(k), v, prov, errors)
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite(f"{path}[{i}]", v, prov, errors)
+
+
 def validate(tree: Mapping, schema: type, prov: Optional[Mapping[str, str]] = None) -> dict:
     """Check ``tree`` against a dataclass ``schema``; fill defaults; raise one ConfigError
-    listing every problem."""
+    listing every problem (a NaN or infinite number anywhere is one)."""
     errors: List[str] = []
     out = _validate_dataclass("", tree, schema, prov or {}, errors)
+    _check_finite("", out, prov or {}, errors)
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     return out

@@ -12,6 +12,7 @@ student, because they are parameters of the distiller module.
 """
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -20,6 +21,16 @@ from torch import Tensor, nn
 from ..registry import DISTILLERS
 from ..losses.reduce import row_mean
 from ..losses.segmentation import ce_rows
+
+
+def check_number(name: str, value: Any, low: float = 0.0, strict: bool = False, why: str = "") -> None:
+    """Raise ValueError naming ``name`` unless ``value`` is a finite number >= ``low`` (> ``low``
+    with ``strict``): a distiller's argument reaches it from the config or from code alike."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value > low if strict else value >= low)
+    if not ok:
+        bound = f"> {low:g}" if strict else f"a number >= {low:g}"
+        raise ValueError(f"{name} must be {bound} and finite, got {value!r}{why}")
 
 
 def warmup_factor(epoch: int, warmup_epochs: int) -> float:
@@ -43,9 +54,8 @@ class Distiller(nn.Module):
                  ignore_index: Optional[int] = None):
         super().__init__()
         for name, value in (("ce_weight", ce_weight), ("kd_weight", kd_weight), ("warmup_epochs", warmup_epochs)):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-                raise ValueError(f"{name} must be a number >= 0, got {value!r} (a negative weight "
-                                 "would train the student away from its labels or its teacher)")
+            check_number(name, value, why=" (a negative weight would train the student away from its labels "
+                                          "or its teacher)" if name != "warmup_epochs" else "")
         self.ce_weight = ce_weight
         self.kd_weight = kd_weight
         self.warmup_epochs = warmup_epochs

@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..losses.reduce import row_mean
 from ..registry import DISTILLERS
-from .base import Distiller
+from .base import Distiller, check_number
 from .kernels.dispatch import check_backend, distill_loss
 
 
@@ -20,8 +20,9 @@ class DKD(Distiller):
                  loss_backend: Optional[str] = None, **base: Any):
         base.setdefault("warmup_epochs", 0)
         super().__init__(**base)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_number("temperature", temperature, strict=True)
+        for name, value in (("alpha", alpha), ("beta", beta)):  # weights of TCKD and NCKD
+            check_number(name, value, why=" (a negative weight trains the student away from its teacher)")
         self.alpha, self.beta, self.temperature = alpha, beta, temperature
         self.loss_backend = check_backend(loss_backend)  # None: PCSEG_KD_LOSS_BACKEND / auto
 

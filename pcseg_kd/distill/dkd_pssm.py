@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..registry import DISTILLERS
 from .dkd import DKD
-from .kd_pssm import OmegaStats, check_normalize, pssm_row_count
+from .kd_pssm import OmegaStats, check_normalize, check_pssm_threshold, pssm_row_count
 from ..losses.pssm import PSSMConfig, pssm_config
 from ..losses.reduce import row_mean
 from .kernels.dispatch import distill_loss
@@ -31,7 +31,7 @@ class DKDPSSM(OmegaStats, DKD):
     def __init__(self, pssm: Optional[Dict[str, Any]] = None, normalize: str = "batch", **dkd: Any):
         super().__init__(**dkd)
         pssm = dict(pssm or {})
-        self.pssm = pssm_config(pssm.pop("preset", "reference"), **pssm)
+        self.pssm = check_pssm_threshold("dkd_pssm", pssm_config(pssm.pop("preset", "reference"), **pssm))
         self.normalize = check_normalize("dkd_pssm", normalize)
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,

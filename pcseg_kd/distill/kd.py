@@ -7,7 +7,7 @@ from torch import Tensor
 
 from ..registry import DISTILLERS
 from ..losses.reduce import row_mean
-from .base import Distiller
+from .base import Distiller, check_number
 from .kernels.dispatch import check_backend, distill_loss
 
 
@@ -21,8 +21,7 @@ class KD(Distiller):
     def __init__(self, temperature: float = 4.0, scale_by_t2: bool = True,
                  loss_backend: Optional[str] = None, **base: Any):
         super().__init__(**base)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_number("temperature", temperature, strict=True)
         self.temperature = temperature
         self.scale_by_t2 = scale_by_t2
         self.loss_backend = check_backend(loss_backend)  # None: PCSEG_KD_LOSS_BACKEND / auto

@@ -1,6 +1,7 @@
 """KD + PSSM: Ω applied as the authors do (scaling both logits) or as a loss weight."""
 from __future__ import annotations
 
+import math
 from typing import Any, Dict, Optional
 
 import torch
@@ -82,6 +83,16 @@ class OmegaStats:
         return {"one": one / rows, "zero": zero / rows, "between": (rows - one - zero) / rows, "rows": rows}
 
 
+def check_pssm_threshold(name: str, pssm: PSSMConfig) -> PSSMConfig:
+    """τ outside the range of what it compares (cos in [-1, 1], d in [0, 1]) keeps every row or
+    none: a typo (``tau: 996``), not a setting."""
+    low = -1.0 if pssm.tau_scale == "cos" else 0.0
+    if not (math.isfinite(pssm.tau) and low <= pssm.tau <= 1.0):
+        raise ValueError(f"{name}.pssm.tau must be in [{low:g}, 1] (it compares "
+                         f"{'the cosine' if pssm.tau_scale == 'cos' else 'd = (cos + 1) / 2'}), got {pssm.tau!r}")
+    return pssm
+
+
 def check_normalize(name: str, normalize: str) -> str:
     if normalize not in NORMALIZE:
         raise ValueError(f"{name}.normalize must be 'batch' or 'kept', got {normalize!r}")
@@ -94,7 +105,7 @@ class KDPSSM(OmegaStats, KD):
                  normalize: str = "batch", **kd: Any):
         super().__init__(**kd)
         pssm = dict(pssm or {})
-        self.pssm = pssm_config(pssm.pop("preset", "reference"), **pssm)
+        self.pssm = check_pssm_threshold("kd_pssm", pssm_config(pssm.pop("preset", "reference"), **pssm))
         if apply not in ("logit_scale", "weight"):
             raise ValueError(f"kd_pssm.apply must be 'logit_scale' or 'weight', got {apply!r}")
         self.apply, self.normalize = apply, check_normalize("kd_pssm", normalize)

@@ -114,6 +114,53 @@ class KittiExperimentConfig:
     sync_bn: bool = False           # torchrun: BatchNorm statistics over the global batch (docs/training_kitti.md)
 
 
+#: numpy's and torch's seeds are 32-bit: a larger one fails deep inside them, far from its key
+SEED_LIMIT = 2 ** 32
+
+
+def model_num_classes(section: Dict[str, Any]) -> int:
+    """The class count a model section builds: its ``num_classes``, else the model's default."""
+    if "num_classes" in section:
+        return section["num_classes"]
+    from ...config import accepted_params
+    params, _, _ = accepted_params(MODELS.get(section["type"]))
+    p = params.get("num_classes")
+    return p.default if p is not None and p.default is not p.empty else None
+
+
+def _num_classes_problem(cfg: Dict[str, Any], section: str, num_classes: int) -> Optional[str]:
+    model = cfg[section].get("model") or {}
+    if not model.get("type") or model["type"] not in MODELS:
+        return None  # an unknown model type is reported by the model's own check
+    n = model_num_classes(model)
+    if n is None:
+        return None
+    if isinstance(n, bool) or not isinstance(n, int):
+        return f"expected a whole number, got {type(n).__name__} {n!r}"
+    if n != num_classes:
+        label_map = (cfg.get("data", {}).get("train") or {}).get("label_map_file") or "the default label map"
+        return (f"{n} classes, but the data has {num_classes} (label map: {label_map}); "
+                f"set {section}.model.num_classes={num_classes}")
+    return None
+
+
+def num_classes_sections(cfg: Dict[str, Any]) -> List[str]:
+    """The model sections a run builds: the student's, and the teacher's where a stage uses it."""
+    uses_teacher = "teacher" in cfg["stages"] or "student" in cfg["stages"]
+    return ["student"] + (["teacher"] if uses_teacher and cfg.get("teacher", {}).get("model") else [])
+
+
+def check_num_classes(cfg: Dict[str, Any], num_classes: int) -> None:
+    """Raise ConfigError naming the key and both numbers when the student's (or, where a stage
+    uses it, the teacher's) ``model.num_classes`` differs from the dataset's class count
+    ``num_classes`` (the label map's): otherwise the mismatch surfaces as a shape error inside
+    the loss. Also run by :func:`load_kitti_experiment` against the configured label map."""
+    for section in num_classes_sections(cfg):
+        problem = _num_classes_problem(cfg, section, num_classes)
+        if problem:
+            raise ConfigError(f"{section}.model.num_classes: {problem}")
+
+
 def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     """Load and validate a SemanticKITTI experiment; build its models, distiller and optimiser
     settings once so that a bad value fails before any data is read or generated."""
@@ -168,9 +215,13 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
 
     def loss_weights():
         from .objective import TEACHER_HEADS
-        unknown = sorted(set(out["teacher"].get("loss_weights") or {}) - set(TEACHER_HEADS))
+        weights = out["teacher"].get("loss_weights") or {}
+        unknown = sorted(set(weights) - set(TEACHER_HEADS))
         if unknown:
             raise ValueError(f"unknown head(s) {unknown}; the teachers' heads are {list(TEACHER_HEADS)}")
+        negative = {k: v for k, v in weights.items() if not v >= 0}
+        if negative:
+            raise ValueError(f"head weights must be >= 0, got {negative}")
     def dataset(split):
         def check():
             from ...data.kitti.dataset import check_dataset_options
@@ -196,10 +247,35 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
         spec.pop("sequences", None)
         synthetic_config(spec)
 
-    def at_least_zero(key):
+    def at_least_zero(key, below=None):
         def check():
-            if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 0:
-                raise ValueError(f"must be a whole number >= 0, got {out[key]!r}")
+            if isinstance(out[key], bool) or not isinstance(out[key], int) or out[key] < 0 \
+                    or (below is not None and out[key] >= below):
+                bound = f" and < {below}" if below is not None else ""
+                raise ValueError(f"must be a whole number >= 0{bound}, got {out[key]!r}")
+        return check
+
+    def num_workers():
+        if out["data"]["num_workers"] < 0:
+            raise ValueError(f"must be >= 0 (0: load in the main process), got {out['data']['num_workers']}")
+
+    def dataset_seed(split):
+        def check():
+            value = out["data"][split].get("seed", 0)
+            if value == out["seed"]:  # inherited from the experiment's seed: checked there
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < SEED_LIMIT:
+                raise ValueError(f"must be a whole number in [0, 2**32), got {value!r}")
+        return check
+
+    def classes(section):
+        def check():
+            from ...data.kitti.labels import LabelMap
+            train = out["data"]["train"]
+            n = LabelMap(train.get("label_map_file"), train.get("ignore_index", 255)).num_classes
+            problem = _num_classes_problem(out, section, n)
+            if problem:
+                raise ValueError(problem)
         return check
 
     def device():
@@ -211,7 +287,10 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
 
     checks += [(f"data.{split}", dataset(split)) for split in ("train", "val") if out["data"].get(split)]
     checks += [("data.synthetic", synthetic), ("device", device), ("threads", at_least_zero("threads")),
-               ("seed", at_least_zero("seed"))]
+               ("seed", at_least_zero("seed", SEED_LIMIT)), ("data.num_workers", num_workers)]
+    checks += [(f"data.{split}.seed", dataset_seed(split)) for split in ("train", "val") if out["data"].get(split)]
+    if out["data"].get("train", {}).get("type") == "semantickitti":
+        checks += [(f"{section}.model.num_classes", classes(section)) for section in num_classes_sections(out)]
     checks += [("stages", stages), ("protocol", protocol), ("eval_interval", at_least("eval_interval", 1)),
                ("log_interval", at_least("log_interval", 1)),
                ("checkpoint_interval", at_least("checkpoint_interval", 0)),

@@ -30,6 +30,10 @@ class OptimConfig:
             raise ValueError(f"batch_size must be >= 1 or null (full batch), got {self.batch_size}")
 
 
+#: numpy's and torch's seeds are 32-bit: a larger one fails deep inside them, far from its key
+SEED_LIMIT = 2 ** 32
+
+
 @dataclass
 class SeedConfig:
     start: int = 0
@@ -44,8 +48,8 @@ def seed_list(seeds: Dict[str, Any]) -> List[int]:
         raise ValueError(f"seeds.num must be >= 1, got {seeds['num']}")
     if seeds.get("values"):
         values = [int(s) for s in seeds["values"]][: seeds["num"]]
-        if min(values) < 0:
-            raise ValueError(f"seeds.values must be seeds >= 0, got {seeds['values']}")
+        if min(values) < 0 or max(values) >= SEED_LIMIT:
+            raise ValueError(f"seeds.values must be seeds >= 0 and < 2**32, got {seeds['values']}")
         if len(set(values)) == 1 and len(values) > 1:
             raise ValueError(f"seeds.values repeats one seed {len(values)} times: that is one run, not "
                              f"{len(values)} independent ones ({seeds['values']})")
@@ -57,6 +61,9 @@ def seed_list(seeds: Dict[str, Any]) -> List[int]:
         return values
     if seeds["start"] < 0:
         raise ValueError(f"seeds.start must be >= 0, got {seeds['start']}")
+    if seeds["start"] + seeds["num"] > SEED_LIMIT:
+        raise ValueError(f"seeds.start + seeds.num must be <= 2**32 (seeds are 32-bit), got "
+                         f"{seeds['start']} + {seeds['num']}")
     return list(range(seeds["start"], seeds["start"] + seeds["num"]))
 
 

@@ -23,9 +23,13 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.0"],
-        "spconv": ["spconv>=2.3"],  # CPU build; GPU users install spconv-cu1xx instead
+        "spconv": ["spconv>=2.3"],  # CPU build; GPU users install spconv-cu1xx instead, or use [gpu]
+        # spconv-Triton: spconv's operators in Triton, CUDA only (student.model.backend: spconv_triton
+        # or auto); keep [spconv] beside it for CPU runs
+        "gpu": ["spconv-triton>=1.0", "triton>=3.0"],
         "vis": ["open3d>=0.17"],
         "tensorboard": ["tensorboard>=2.10"],
-        "test": ["pytest>=7", "triton>=3.0", "spconv>=2.3", "tensorboard>=2.10"],
+        # spconv-triton: tests/test_sparse_backend.py builds and cross-loads models with it on CPU
+        "test": ["pytest>=7", "triton>=3.0", "spconv>=2.3", "spconv-triton>=1.0", "tensorboard>=2.10"],
     },
 )

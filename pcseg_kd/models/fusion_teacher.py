@@ -16,7 +16,8 @@ returns
 ``image_logits``  ``[K, num_classes]`` the image branch's prediction for the in-view points
 ``point_valid``   ``[P]`` bool (points with a voxel)
 
-Teacher training supervises all three heads (see ``docs/models.md``).
+Teacher training supervises all three heads (see ``docs/models.md``). ``point.backend`` picks the
+point branch's sparse package (:mod:`~pcseg_kd.models.sparse.backend`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch import Tensor, nn
 
 from ..registry import MODELS
 from .image.resnet_fcn import ResNetFCN
+from .sparse.backend import resolve_backend
 from .sparse.spunet import SpUNet
 
 
@@ -42,6 +44,8 @@ class FusionTeacher(nn.Module):
                 raise ValueError(f"fusion_teacher.{name}.num_classes: set num_classes once, on the teacher")
         if fusion_channels < 1:
             raise ValueError(f"fusion_teacher.fusion_channels must be >= 1, got {fusion_channels}")
+        # checked here too so that a bad value names the teacher's key, not the student's
+        resolve_backend((point or {}).get("backend", "spconv"), key="fusion_teacher.point.backend")
         self.num_classes = num_classes
         self.point = SpUNet(num_classes=num_classes, **(point or {}))
         self.image = ResNetFCN(num_classes=num_classes, **(image or {}))

@@ -15,25 +15,22 @@ Batch contract (keys of :func:`pcseg_kd.data.kitti.collate_kitti`): reads
 ``voxel_logits``  ``[V, num_classes]``
 ``point_valid``   ``[P]`` bool, ``point2voxel >= 0``
 
-On CPU, spconv needs the guards of :mod:`.spconv_compat` (one intra-op thread, a
-stream-free backward): the constructor installs them.
+``backend`` picks the sparse-convolution package (:mod:`.backend`: ``spconv``, ``spconv_triton``
+or ``auto``); parameter names and shapes are the same under each. On CPU, spconv needs the guards
+of :mod:`.spconv_compat` (one intra-op thread, a stream-free backward): the constructor installs
+them when the backend is spconv.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence
+from types import ModuleType
+from typing import Any, Dict, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ...registry import MODELS
-from .spconv_compat import HAVE_SPCONV, install_cpu_guards, require_spconv
-
-if HAVE_SPCONV:
-    import spconv.pytorch as spconv
-    # SparseSequential hands whole sparse tensors only to SparseModule subclasses
-    _SparseModule = spconv.SparseModule
-else:  # the classes below are defined but cannot be built without spconv
-    _SparseModule = nn.Module
+from .backend import check_input_device, resolve_backend, sparse_backend
+from .spconv_compat import install_cpu_guards
 
 BN_EPS, BN_MOMENTUM = 1e-3, 0.01  # Pointcept's sparse-net batch norm settings
 
@@ -42,10 +39,14 @@ def _bn_relu(channels: int) -> list:
     return [nn.BatchNorm1d(channels, eps=BN_EPS, momentum=BN_MOMENTUM), nn.ReLU()]
 
 
-class BasicBlock(_SparseModule):
-    """Two submanifold k3 convs with a residual; a k1 projection when the width changes."""
+class BasicBlock(nn.Module):
+    """Two submanifold k3 convs with a residual; a k1 projection when the width changes.
 
-    def __init__(self, in_channels: int, channels: int, indice_key: str):
+    A plain ``nn.Module`` taking the sparse tensor, chained with ``nn.Sequential``: a
+    ``SparseSequential`` would hand it the tensor only as a subclass of *its* package's
+    ``SparseModule``, which would tie the class to one backend."""
+
+    def __init__(self, spconv: ModuleType, in_channels: int, channels: int, indice_key: str):
         super().__init__()
         self.proj = None
         if in_channels != channels:
@@ -74,10 +75,13 @@ class SpUNet(nn.Module):
 
     def __init__(self, in_channels: int = 7, num_classes: int = 19, base_channels: int = 32,
                  channels: Sequence[int] = (32, 64, 128, 256, 256, 128, 96, 96),
-                 layers: Sequence[int] = (2, 3, 4, 6, 2, 2, 2, 2), stem_kernel: int = 5):
+                 layers: Sequence[int] = (2, 3, 4, 6, 2, 2, 2, 2), stem_kernel: int = 5,
+                 backend: Literal["spconv", "spconv_triton", "auto"] = "spconv"):
         super().__init__()
-        require_spconv("the SpUNet student")
-        install_cpu_guards()
+        self.backend = resolve_backend(backend, key="spunet.backend")  # "spconv" or "spconv_triton"
+        spconv = sparse_backend(self.backend)
+        if self.backend == "spconv":
+            install_cpu_guards()
         channels, layers = list(channels), list(layers)
         if len(channels) != len(layers) or len(channels) % 2:
             raise ValueError(f"spunet: channels ({len(channels)}) and layers ({len(layers)}) must have "
@@ -105,8 +109,8 @@ class SpUNet(nn.Module):
             self.down.append(spconv.SparseSequential(
                 spconv.SparseConv3d(enc_channels, channels[s], 2, stride=2, bias=False, indice_key=f"spconv{s + 1}"),
                 *_bn_relu(channels[s])))
-            self.enc.append(spconv.SparseSequential(*[
-                BasicBlock(channels[s], channels[s], indice_key=f"subm{s + 1}") for _ in range(layers[s])]))
+            self.enc.append(nn.Sequential(*[
+                BasicBlock(spconv, channels[s], channels[s], indice_key=f"subm{s + 1}") for _ in range(layers[s])]))
             enc_channels = channels[s]
         dec_channels = enc_channels
         for i in range(self.num_stages):
@@ -116,17 +120,20 @@ class SpUNet(nn.Module):
                 spconv.SparseInverseConv3d(dec_channels, width, 2, bias=False, indice_key=f"spconv{s + 1}"),
                 *_bn_relu(width)))
             key = f"subm{s}"  # encoder stage s's input resolution ("subm0": the stem's, new pairs for k3)
-            blocks = [BasicBlock(width + skip_channels[s], width, indice_key=key)]
-            blocks += [BasicBlock(width, width, indice_key=key) for _ in range(layers[self.num_stages + i] - 1)]
-            self.dec.append(spconv.SparseSequential(*blocks))
+            blocks = [BasicBlock(spconv, width + skip_channels[s], width, indice_key=key)]
+            blocks += [BasicBlock(spconv, width, width, indice_key=key)
+                       for _ in range(layers[self.num_stages + i] - 1)]
+            self.dec.append(nn.Sequential(*blocks))
             dec_channels = width
         self.head = nn.Linear(dec_channels, num_classes)
 
     def forward_voxels(self, features: Tensor, coords: Tensor, spatial_shape: Sequence[int],
                        batch_size: int) -> Dict[str, Tensor]:
         """Per-voxel decoder features and logits for a ``SparseConvTensor``'s inputs."""
-        install_cpu_guards()  # idempotent flag check: guards hold even if someone removed them
-        x = spconv.SparseConvTensor(features, coords.int(), list(spatial_shape), int(batch_size))
+        check_input_device(self.backend, features)
+        if self.backend == "spconv":
+            install_cpu_guards()  # idempotent flag check: guards hold even if someone removed them
+        x = sparse_backend(self.backend).SparseConvTensor(features, coords.int(), list(spatial_shape), int(batch_size))
         x = self.stem(x)
         skips = []
         for down, enc in zip(self.down, self.enc):

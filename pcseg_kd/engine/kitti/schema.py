@@ -112,6 +112,7 @@ class KittiExperimentConfig:
     device: str = "auto"            # "auto" | "cuda" | "cpu"
     threads: int = 0                # torch intra-op threads; 0 = torch default
     sync_bn: bool = False           # torchrun: BatchNorm statistics over the global batch (docs/training_kitti.md)
+    size: Optional[str] = None      # a preset of configs/kitti/_sizes_ (tiny: smoke test; full: paper widths): sizes.py
 
 
 #: numpy's and torch's seeds are 32-bit: a larger one fails deep inside them, far from its key
@@ -167,6 +168,8 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     import_all()
     cfg, prov = load_config_with_provenance(path, overrides, schema=KittiExperimentConfig)
     out = OmegaConf.to_container(cfg, resolve=True)
+    from .sizes import apply_size
+    apply_size(out, prov, path)  # before the checks below, which then check the preset's values too
     for split in ("train", "val"):  # the experiment's seed drives augmentation too, unless a dataset sets its own
         if out["data"].get(split) is not None:
             out["data"][split].setdefault("seed", out["seed"])

@@ -20,7 +20,7 @@ from ..reader import write_label, write_scan
 from .calibrations import calibration_for
 from .camera import ImageQuality, render
 from .lidar import SENSOR_HEIGHT, LidarModel, scan
-from .scene import Scene, build_street_scene, ego_lane_y
+from .scene import Scene, SceneConfig, build_street_scene, ego_lane_y
 
 FRAME_DT = 0.1036  # s between KITTI scans (~10 Hz)
 
@@ -32,6 +32,7 @@ class SyntheticConfig:
     speed: float = 8.0               # m/s of the ego car
     lidar: LidarModel = field(default_factory=LidarModel)
     quality: ImageQuality = field(default_factory=ImageQuality)
+    scene: SceneConfig = field(default_factory=SceneConfig)  # object density, ground remission contrast
     render_scale: float = 0.5        # image rays per pixel side (0.5: render half size, upsample)
     write_images: bool = True
     test_labels: bool = False        # write labels for 11-21 too (the real test set has none)
@@ -39,11 +40,18 @@ class SyntheticConfig:
 
 def synthetic_config(spec: Dict[str, Any]) -> SyntheticConfig:
     """A :class:`SyntheticConfig` from a config's ``data.synthetic`` mapping (nested
-    ``lidar`` and ``quality`` mappings become :class:`LidarModel` / :class:`ImageQuality`)."""
+    ``lidar``, ``quality`` and ``scene`` mappings become :class:`LidarModel`,
+    :class:`ImageQuality` and :class:`SceneConfig`)."""
+    import dataclasses
+
     spec = {k: v for k, v in spec.items() if k != "sequences"}
     lidar = LidarModel(**(spec.pop("lidar", None) or {}))
     quality = ImageQuality(**(spec.pop("quality", None) or {}))
-    return SyntheticConfig(lidar=lidar, quality=quality, **spec)
+    scene = dict(spec.pop("scene", None) or {})
+    known = {f.name for f in dataclasses.fields(SceneConfig)}
+    if set(scene) - known:
+        raise ValueError(f"data.synthetic.scene: unknown key(s) {sorted(set(scene) - known)}; known: {sorted(known)}")
+    return SyntheticConfig(lidar=lidar, quality=quality, scene=SceneConfig(**scene), **spec)
 
 
 @dataclass
@@ -67,7 +75,11 @@ class SyntheticSequence:
         travel = cfg.speed * FRAME_DT * max(cfg.frames - 1, 0)
         margin = cfg.lidar.max_range + 30.0
         x0 = float(rng.uniform(-1000, 1000))  # where along its street the sequence starts
-        self.scene: Scene = build_street_scene(rng, x0 - margin, x0 + travel + margin, ego_x0=x0, ego_speed=cfg.speed)
+        # objects added or dropped by the density knob come from a stream of their own, so the
+        # rest of the street is drawn exactly as at density 1
+        objects = np.random.default_rng((cfg.seed, seq_int, 2)) if cfg.scene.density != 1.0 else None
+        self.scene: Scene = build_street_scene(rng, x0 - margin, x0 + travel + margin, ego_x0=x0, ego_speed=cfg.speed,
+                                               config=cfg.scene, object_rng=objects)
         self.x0 = x0
         self.lane_y = ego_lane_y(self.scene.layout)
         self.wobble = rng.uniform(0, 2 * np.pi)

@@ -15,7 +15,7 @@ import numpy as np
 
 from .materials import material_of
 from .raycast import cast
-from .scene import Scene
+from .scene import GROUND_CLASSES, GROUND_REMISSION_MEAN, Scene
 
 SENSOR_HEIGHT = 1.73
 
@@ -70,13 +70,22 @@ def scan(scene: Scene, sensor_pose: np.ndarray, time: float, rng: np.random.Gene
     obj = hits.obj[idx]
     refl = np.where(obj >= 0, scene.remissions[np.maximum(obj, 0)], _materials_table(label)[1])
     cos_inc = np.abs((hits.normal[idx] * dirs_sensor[idx] @ rot.T).sum(1))
-    remission = np.clip(refl * (0.45 + 0.55 * cos_inc) + rng.normal(0, 0.02, idx.size), 0.0, 0.99)
+    noise = rng.normal(0, 0.02, idx.size)
+    remission = np.clip(refl * (0.45 + 0.55 * cos_inc) + noise, 0.0, 0.99)
+    reported = remission
+    contrast = scene.ground_remission_contrast
+    if contrast != 1.0:  # skipped at 1: m + 1 * (r - m) need not round back to r
+        # only what the sensor reports moves; returns are still lost on the surface's own
+        # reflectivity below, so the knob changes one cue and leaves the geometry alone
+        ground = np.isin(label, GROUND_CLASSES)
+        refl_c = np.clip(GROUND_REMISSION_MEAN + contrast * (refl - GROUND_REMISSION_MEAN), 0.02, 0.99)
+        reported = np.where(ground, np.clip(refl_c * (0.45 + 0.55 * cos_inc) + noise, 0.0, 0.99), remission)
 
     # lost returns: random, plus dark surfaces at long range
     p_drop = model.dropout + 0.5 * (t / model.max_range) ** 2 * (1 - remission)
     keep = rng.random(idx.size) >= p_drop
     t = t[keep] + rng.normal(0, 1, keep.sum()) * (model.range_noise + rough[keep])
-    idx, label, inst, remission = idx[keep], label[keep], inst[keep], remission[keep]
+    idx, label, inst, remission = idx[keep], label[keep], inst[keep], reported[keep]
 
     # spurious returns somewhere along the ray
     outlier = rng.random(idx.size) < model.outlier_rate

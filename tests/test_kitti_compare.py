@@ -32,7 +32,12 @@ def test_compare_prints_paired_differences_and_the_transfer_correlation(tmp_path
     gt = [it[c] - ib[c] for c in "abcde"]
     gs = [is_[c] - ib[c] for c in "abcde"]
     assert f"| {tmp_path / 'r0'} | 40.00 | 30.00 | 33.00 | +3.00 | +10.00 | {np.corrcoef(gt, gs)[0, 1]:.2f} |" == lines[2]
-    assert lines[4].startswith("| mean ± std (2 runs) | 40.50 ± 0.71 | 31.00 ± 1.41 | 32.50 ± 0.71 | 1.50 ± 2.12 | 9.50 ± 0.71 |")
+    # paired Δ student − baseline: +3, 0 -> mean 1.5, std 2.12, t(0.975, 1) = 12.706: half-width 19.06
+    assert lines[4].startswith("| mean ± std (2 runs) | 40.50 ± 0.71 | 31.00 ± 1.41 | 32.50 ± 0.71 | "
+                               "+1.50 ± 2.12 (n=2, 95 % CI [-17.56, +20.56]) | "
+                               "+9.50 ± 0.71 (n=2, 95 % CI [+3.15, +15.85]) * |")
+    assert "  student − baseline: +1.50 ± 2.12 (n=2, 95 % CI [-17.56, +20.56])" in lines
+    assert "  teacher − baseline: +9.50 ± 0.71 (n=2, 95 % CI [+3.15, +15.85]) *" in lines
 
 
 def test_compare_names_a_work_dir_without_the_three_stages(tmp_path):
@@ -51,5 +56,7 @@ def test_students_from_other_work_dirs_replace_each_runs_student(tmp_path):
     cmd = [sys.executable, str(ROOT / "tools/kitti_compare.py"), str(tmp_path / "r0"), "--students", str(tmp_path / "s0")]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[2].startswith(f"| {tmp_path / 'r0'} | 40.00 | 30.00 | 37.50 | +7.50 | +10.00 |")
+    assert "  student − baseline: +7.50 (n=1, no interval: needs 2 or more seeds)" in out
+    assert out[-1].startswith("  One run decides nothing")
     bad = subprocess.run(cmd + [str(tmp_path / "s0")], capture_output=True, text=True)
     assert bad.returncode == 1 and "--students: 2 folders for 1 runs" in bad.stderr

@@ -7,9 +7,11 @@
 Reads each work folder's metrics.json (written by tools/train.py with stages teacher,
 baseline, student) and prints, on the in-view points (the rows all three are scored on):
 a Markdown table of mIoU per run with the paired differences student − baseline and
-teacher − baseline, mean ± sample std over the runs, and the per-class transfer check: the
-correlation, over classes present in a run, between the teacher's and the student's per-class
-IoU gain over the baseline (does distillation move the student towards the teacher's classes?).
+teacher − baseline, mean ± sample std over the runs with the differences' 95 % t-interval
+(marked * where it excludes 0: only then is a difference more than the seed spread), and the
+per-class transfer check: the correlation, over classes present in a run, between the
+teacher's and the student's per-class IoU gain over the baseline (does distillation move the
+student towards the teacher's classes?).
 ``--students`` takes the students from other work folders, one per run (a student-only run that
 reused that run's teacher, e.g. another distiller or ``distiller.teacher_source=cache``).
 """
@@ -20,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pcseg_kd.metrics.paired import format_delta, paired_delta  # noqa: E402
 from pcseg_kd.utils.io import read_json  # noqa: E402
 
 STAGES = ("teacher", "baseline", "student")
@@ -71,15 +74,20 @@ def main(argv=None):
         pooled[1].extend(gain_s)
         rows.append((t, b, s))
         print(f"| {work} | {t:.2f} | {b:.2f} | {s:.2f} | {s - b:+.2f} | {t - b:+.2f} | {correlation(gain_t, gain_s):.2f} |")
+    cols = list(zip(*rows))
+    diff_s, diff_t = paired_delta(cols[2], cols[1]), paired_delta(cols[0], cols[1])
     if len(rows) > 1:
-        cols = list(zip(*rows))
-        diff_s = [s - b for t, b, s in rows]
-        diff_t = [t - b for t, b, s in rows]
-
         def f(v):
             return f"{statistics.mean(v):.2f} ± {statistics.stdev(v):.2f}"
-        print(f"| mean ± std ({len(rows)} runs) | {f(cols[0])} | {f(cols[1])} | {f(cols[2])} | {f(diff_s)} | "
-              f"{f(diff_t)} | {correlation(*pooled):.2f} (pooled) |")
+        print(f"| mean ± std ({len(rows)} runs) | {f(cols[0])} | {f(cols[1])} | {f(cols[2])} | {format_delta(diff_s)} | "
+              f"{format_delta(diff_t)} | {correlation(*pooled):.2f} (pooled) |")
+    print()
+    print("Paired differences over the runs (each run's student and teacher against its own baseline): "
+          "mean ± sample std, 95 % t-interval; * marks an interval that excludes 0.")
+    print(f"  student − baseline: {format_delta(diff_s)}")
+    print(f"  teacher − baseline: {format_delta(diff_t)}")
+    if len(rows) < 2:
+        print("  One run decides nothing: a difference needs runs of several seeds to be told from the seed spread.")
 
 
 if __name__ == "__main__":

@@ -97,7 +97,19 @@ def load_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
     cfg, prov = load_config_with_provenance(path, overrides, schema=ToyExperimentConfig)
     out = OmegaConf.to_container(cfg, resolve=True)
     check_buildable(out, prov)
+    warn_long_warmup(out, prov)
     return out
+
+
+def warn_long_warmup(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:
+    """A DKD-style warm-up longer than the student's training never lets the KD term reach its
+    weight: allowed (a deliberate damping), but said."""
+    import warnings
+    warmup, epochs = cfg["distiller"].get("warmup_epochs") or 0, cfg["student"]["epochs"]
+    if isinstance(warmup, (int, float)) and warmup > epochs:
+        where = prov.get("distiller.warmup_epochs") or prov.get("distiller.type") or "config"
+        warnings.warn(f"{where}: distiller.warmup_epochs={warmup} exceeds student.epochs={epochs}: the KD term "
+                      f"ends at {epochs / warmup:.0%} of distiller.kd_weight and never reaches it", stacklevel=2)
 
 
 def check_buildable(cfg: Dict[str, Any], prov: Dict[str, str]) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 from typing import Any, Dict, Sequence
 
@@ -15,7 +16,7 @@ from tqdm.auto import tqdm
 from ...utils.io import read_json
 from ..runner import save_config, write_json
 from .schema import load_experiment
-from .train import run_setting
+from .train import run_setting, show_progress
 
 SHARED_KEYS = ("task", "model", "teacher_model", "teacher", "student", "seeds", "device")
 
@@ -52,27 +53,42 @@ def run_sweep(config_path: str, overrides: Sequence[str], work_dir: Path, progre
     results: Dict[str, Dict[str, Any]] = {label: {} for label in methods}
     shared_by_key: Dict[str, Any] = {}
     levels: Dict[str, Dict[str, float]] = {}
-    bar = tqdm(total=len(cells), desc="sweep", disable=not progress)
+    plan = []
     for v in values:
         for label in methods:
             cfg = cells[(v, label)]
             cfg.pop("sweep", None)
             digest = _digest(cfg)
             path = cell_dir / f"{_fmt_shift(v)}__{_digest(label)}.json"
-            bar.set_postfix_str(f"{key}={v} {label}")
             # a cell file a kill truncated: a warning naming it, and the cell is computed again
             cached = read_json(path, default=None) if not force else None
-            if cached and cached.get("digest") == digest:
-                metrics = cached["metrics"]
-            else:
-                skey = _digest({k: cfg.get(k) for k in SHARED_KEYS})
-                out = run_setting(cfg, progress=False, shared=shared_by_key.get(skey))
-                shared_by_key = {skey: out["shared"]}  # keep only this level's teacher/baseline in memory
-                metrics = out["metrics"]
-                write_json(path, {"digest": digest, "label": label, "shift": v, "metrics": metrics})
-            results[label][json.dumps(v)] = metrics
-            levels.setdefault(json.dumps(v), {k: metrics[k] for k in ("input_cmd", "teacher_acc_mean", "baseline_acc_mean")})
-            bar.update(1)
+            done = cached["metrics"] if cached and cached.get("digest") == digest else None
+            plan.append((v, label, cfg, digest, path, done))
+    n_done = sum(p[-1] is not None for p in plan)
+    if n_done:
+        print(f"resuming: {n_done} of {len(plan)} cells done ({cell_dir})", flush=True)
+    show = show_progress(progress)
+    bar = tqdm(total=len(cells), desc="sweep", disable=not show)
+    for i, (v, label, cfg, digest, path, done) in enumerate(plan, 1):
+        bar.set_postfix_str(f"{key}={v} {label}")
+        if done is not None:
+            metrics = done
+        else:
+            skey = _digest({k: cfg.get(k) for k in SHARED_KEYS})
+            out = run_setting(cfg, progress=False, shared=shared_by_key.get(skey))
+            shared_by_key = {skey: out["shared"]}  # keep only this level's teacher/baseline in memory
+            metrics = out["metrics"]
+            write_json(path, {"digest": digest, "label": label, "shift": v, "metrics": metrics})
+        results[label][json.dumps(v)] = metrics
+        levels.setdefault(json.dumps(v), {k: metrics[k] for k in ("input_cmd", "teacher_acc_mean", "baseline_acc_mean")})
+        # one line per cell, bars or not: a log file shows how far a sweep got and what each cell gave
+        line = (f"[{i}/{len(plan)}] {key}={v} {label}: student {metrics['student_acc_mean']:.2f} "
+                f"(Δ {metrics['delta_mean']:+.2f} ± {metrics['delta_std']:.2f}), no-KD "
+                f"{metrics['baseline_acc_mean']:.2f}, teacher {metrics['teacher_acc_mean']:.2f}"
+                + (" (done before)" if done is not None else f", {metrics['seconds']:.1f}s"))
+        (bar.write if show else print)(line)
+        sys.stdout.flush()
+        bar.update(1)
     bar.close()
     summary = {"config": config_path, "shift_key": key, "shift_values": values, "methods": list(methods),
                "levels": levels, "results": results, "paper": sweep.get("paper") or {}}

@@ -13,6 +13,7 @@ and the KD student trained on modality B; the teacher frozen while the student t
 from __future__ import annotations
 
 import copy
+import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -26,6 +27,38 @@ from ...models.mlp import MLP, PlainMLP
 from ...distill.base import Distiller
 from ...registry import DISTILLERS, TASKS
 from .schema import OptimConfig, seed_list
+
+
+class DivergedError(FloatingPointError):
+    """A model's weights or outputs became NaN / inf: training diverged (learning rate too
+    large for the task). An expected error: the tools print it and exit 1."""
+
+
+def show_progress(progress: bool) -> bool:
+    """Progress bars only on a terminal: in a log file tqdm's ``\r`` frames are noise."""
+    return bool(progress) and sys.stderr.isatty()
+
+
+def _stage_settings(cfg, section: str) -> str:
+    o = cfg[section]
+    return f"{section}.lr={o['lr']:g} ({o['optimizer']}, {o['epochs']} epochs)"
+
+
+def check_diverged(model: nn.Module, seeds: Sequence[int], stage: str, settings: str) -> None:
+    """Raise :class:`DivergedError` naming ``stage``, the seeds and ``settings`` when any weight
+    of ``model`` is not finite. One host sync per trained model, after its training."""
+    S = len(seeds)
+    bad = torch.zeros(S, dtype=torch.bool)
+    for p in model.parameters():
+        finite = torch.isfinite(p.detach())
+        if p.dim() and p.shape[0] == S:  # stacked seeds: say which ones
+            bad |= ~finite.reshape(S, -1).all(1).cpu()
+        elif not bool(finite.all()):
+            bad[:] = True
+    if bool(bad.any()):
+        which = [s for s, b in zip(seeds, bad.tolist()) if b]
+        raise DivergedError(f"{stage} diverged: non-finite weights after training in {len(which)} of {S} seeds "
+                            f"(first: seed {which[0]}); settings: {settings}. Lower the learning rate.")
 
 
 # ----------------------------------------------------------------------------- building
@@ -160,7 +193,7 @@ def fit_linear_full_batch(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, se
     if split:
         onehot_t = torch.nn.functional.one_hot(yb, w.shape[-1]).to(x.dtype).transpose(1, 2).contiguous()
         ce_scale = distiller.ce_weight / yb.shape[-1]
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False):
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not show_progress(progress), leave=False):
         with torch.no_grad():  # contiguous operands: bmm on transposed views takes a slow path
             zt = torch.baddbmm(b.transpose(1, 2), w.transpose(1, 2).contiguous(), xt)   # [S, C, N]
         if split:
@@ -195,7 +228,7 @@ def fit(model: MLP, x: Tensor, y: Tensor, cfg: OptimConfig, seeds: Sequence[int]
     _freeze(teacher)
     augment = (task or ToyTask()).augment  # the base task's augment is the identity
     t_cached = None
-    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not progress, leave=False):
+    for epoch in tqdm(range(1, cfg.epochs + 1), desc=desc, disable=not show_progress(progress), leave=False):
         for rows in batches():
             xb = take_rows(x, None if full else rows)
             yb = take_rows(y, None if full else rows)
@@ -283,8 +316,10 @@ def train_teacher_and_baseline(cfg, task: ToyTask, data: Dict[str, Tensor], seed
     ce = DISTILLERS.build({"type": "none"})
     teacher = fit(models["teacher"], data["x_a_train"], data["y_train"], OptimConfig(**cfg["teacher"]), seeds,
                   ce, task=_TeacherView(task), desc="teacher", progress=progress)
+    check_diverged(teacher, seeds, "teacher", _stage_settings(cfg, "teacher"))
     baseline = fit(models["baseline"], data["x_b_train"], data["y_train"], OptimConfig(**cfg["student"]), seeds,
                    ce, task=task, desc="no-KD baseline", progress=progress)
+    check_diverged(baseline, seeds, "no-KD baseline", _stage_settings(cfg, "student"))
     return {"teacher": teacher, "baseline": baseline, "student_init": models["student"]}
 
 
@@ -327,6 +362,9 @@ def run_setting(cfg, progress: bool = False, shared: Optional[Dict[str, Any]] = 
                                     task.num_classes).to(device)
     fit(student, data["x_b_train"], data["y_train"], OptimConfig(**cfg["student"]), seeds, distiller, teacher,
         data["x_a_train"], task, desc=f"student ({cfg['distiller']['type']})", progress=progress)
+    student_settings = (f"{_stage_settings(cfg, 'student')}, distiller "
+                        + ", ".join(f"{k}={v}" for k, v in cfg["distiller"].items()))
+    check_diverged(student, seeds, f"student ({cfg['distiller']['type']})", student_settings)
 
     y_test = data["y_test"]
     acc_t = accuracy(predict(teacher, data["x_a_test"], task, "a", seeds), y_test)
@@ -336,6 +374,12 @@ def run_setting(cfg, progress: bool = False, shared: Optional[Dict[str, Any]] = 
     p_s = torch.softmax(predict(student, data["x_b_train"]), -1)
     p_t = torch.softmax(predict(teacher, data["x_a_train"]), -1)
     out_cmd = cmd(p_s, p_t, k=5)
+    # finite weights can still give inf logits (weights near float32's range): NaN outputs
+    for stage, probs, settings in (("teacher", p_t, _stage_settings(cfg, "teacher")),
+                                   (f"student ({cfg['distiller']['type']})", p_s, student_settings)):
+        if not bool(torch.isfinite(probs).all()):
+            raise DivergedError(f"{stage} diverged: non-finite outputs (softmax) on the training set, so the "
+                                f"output CMD is undefined; settings: {settings}. Lower the learning rate.")
     delta = acc_s - acc_b
     as_list = lambda t: [float(v) for v in t.cpu().double()]
     metrics = {

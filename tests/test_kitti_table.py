@@ -61,8 +61,15 @@ def test_table_runs_each_cell_once_per_seed_and_writes_markdown(data_root, tmp_p
             vals = list(cell["by_seed"].values())
             assert cell["n"] == 2 and cell["mean"] == pytest.approx(sum(vals) / 2)
             assert cell["std"] == pytest.approx(abs(vals[0] - vals[1]) / 2 ** 0.5)
+    for row in ("img", "fus"):  # the paired Δ to the no-KD student of the same seed
+        cell, base = res[row]["pssm"], res[row]["none"]
+        diffs = [cell["by_seed"][k] - base["by_seed"][k] for k in ("0", "1")]
+        assert cell["delta"]["n"] == 2 and cell["delta"]["mean"] == pytest.approx(sum(diffs) / 2)
+        assert cell["delta_ci95"] == [cell["delta"]["low"], cell["delta"]["high"]]
+        assert "delta" not in base and "delta" not in res[row]["teacher"]
     md = (tmp_path / "w" / "results.md").read_text()
     assert "| teacher | teacher | none | pssm | best Δ vs none |" in md
+    assert "## Paired Δ to none" in md and "(n=2, 95 % CI [" in md
     none = res["img"]["none"]
     assert f"{none['mean']:.2f} ± {none['std']:.2f} (59.68)" in md and "over seeds [0, 1]" in md
     assert json.loads((tmp_path / "w" / "results.json").read_text()) == res
@@ -90,3 +97,22 @@ def test_table_config_errors(data_root, tmp_path):
     bad = load_table(str(write_table(tmp_path, data_root, methods={"x": ["distiller.betta=3"]})))
     with pytest.raises(ConfigError, match="distiller.betta"):
         cell_configs(bad, tmp_path / "w")
+
+
+def test_markdown_gives_each_paired_delta_with_its_interval():
+    from pcseg_kd.engine.kitti.table import add_paired_deltas, markdown, summarise
+
+    table = {"name": "x", "methods": {"none": [], "pssm": [], "kd": []}, "paper": {}, "seeds": [0, 1, 2],
+             "metric": "in_view"}
+    res = {"img": {"teacher": summarise({0: 50, 1: 51, 2: 52}), "none": summarise({0: 30, 1: 31, 2: 33}),
+                   "pssm": summarise({0: 32, 1: 33.2, 2: 34.9}), "kd": summarise({0: 29, 1: None, 2: 33})}}
+    add_paired_deltas(res, "none")
+    # pssm − none per seed: 2.0, 2.2, 1.9; t(0.975, 2) = 4.303
+    d = res["img"]["pssm"]["delta"]
+    assert d["mean"] == pytest.approx(2.0333333) and d["std"] == pytest.approx(0.1527525)
+    assert res["img"]["pssm"]["delta_ci95"] == pytest.approx([2.0333333 - 4.3026527 * 0.1527525 / 3 ** 0.5,
+                                                              2.0333333 + 4.3026527 * 0.1527525 / 3 ** 0.5])
+    assert res["img"]["kd"]["delta"]["n"] == 2  # seed 1 produced no kd value: paired over seeds 0 and 2
+    md = markdown(table, res, "none")
+    assert "| img | +2.03 ± 0.15 (n=3, 95 % CI [+1.65, +2.41]) * | -0.50 ± 0.71 (n=2, 95 % CI [-6.85, +5.85]) |" in md
+    assert md.splitlines()[4].endswith("| +2.03 ± 0.15 (n=3, 95 % CI [+1.65, +2.41]) * |")  # the best method's Δ

@@ -102,6 +102,8 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
             per_seed[row].setdefault(run["col"], {})[run["seed"]] = value
     results = {row: {col: summarise(vals) for col, vals in cols.items()} for row, cols in per_seed.items()}
     baseline = next((r["col"] for r in runs if r["row"] == "*"), None)  # the first no-KD column
+    if baseline is not None:
+        add_paired_deltas(results, baseline)
     if env.is_main:
         write_json(work_dir / "results.json", results)
         atomic_write_text(work_dir / "results.md", markdown(table, results, baseline))
@@ -121,10 +123,31 @@ def summarise(by_seed: Dict[int, Optional[float]]) -> Dict[str, Any]:
     return {**mean_std(by_seed.values()), "by_seed": {str(k): v for k, v in by_seed.items()}}
 
 
+PAIRED_KEYS = ("n", "mean", "std", "t", "half_width", "low", "high", "excludes_zero")
+
+
+def add_paired_deltas(results: Dict[str, Dict[str, Dict[str, Any]]], baseline: str) -> None:
+    """Each distilled cell gets ``delta`` (the paired Δ to the ``baseline`` column over the
+    seeds both have: mean, std, t-interval, whether it excludes 0) and ``delta_ci95``."""
+    from ...metrics.paired import ci95, paired_delta
+
+    for cols in results.values():
+        base = (cols.get(baseline) or {}).get("by_seed", {})
+        for col, cell in cols.items():
+            if col in ("teacher", baseline):
+                continue
+            seeds = [k for k, v in cell["by_seed"].items() if v is not None and base.get(k) is not None]
+            d = paired_delta([cell["by_seed"][k] for k in seeds], [base[k] for k in seeds])
+            cell["delta"] = {k: d[k] for k in PAIRED_KEYS}
+            cell["delta_ci95"] = ci95(d)
+
+
 def markdown(table: Dict[str, Any], results: Dict[str, Dict[str, Dict[str, Any]]],
              baseline: Optional[str] = None) -> str:
-    """Cells are mean ± std over seeds; ``baseline``: the no-KD column, against which the
-    best method's Δ (of the means) is given."""
+    """Cells are mean ± std over seeds; ``baseline``: the no-KD column, against which every
+    method's paired Δ (student − no-KD student of the same seed) is given with its 95 %
+    t-interval, the best method's (by mean Δ) beside the row."""
+    from ...metrics.paired import format_delta
     cols = ["teacher"] + list(table["methods"])
 
     def fmt(cell):
@@ -140,14 +163,22 @@ def markdown(table: Dict[str, Any], results: Dict[str, Dict[str, Dict[str, Any]]
         paper = table["paper"].get(row, {})
         cells = [fmt(vals.get(c)) + (f" ({paper[c]:.2f})" if c in paper else "") for c in cols]
         extra = []
-        base = (vals.get(baseline) or {}).get("mean") if baseline else None
-        if base is not None:
-            deltas = [vals[c]["mean"] - base for c in table["methods"]
-                      if c != baseline and (vals.get(c) or {}).get("mean") is not None]
-            extra = [f"{max(deltas):+.2f}" if deltas else "–"]
+        if baseline:
+            deltas = [vals[c]["delta"] for c in table["methods"]
+                      if c != baseline and (vals.get(c) or {}).get("delta", {}).get("mean") is not None]
+            extra = [format_delta(max(deltas, key=lambda d: d["mean"])) if deltas else "–"]
         lines.append(f"| {row} | " + " | ".join(cells + extra) + " |")
     seeds = table["seeds"]
     lines += ["", f"Mean ± sample standard deviation over seeds {seeds} (± omitted for one seed). "
               "In parentheses: the paper's Table 6, where it reports the cell."]
+    others = [c for c in table["methods"] if c != baseline]
+    if baseline and others:
+        lines += ["", f"## Paired Δ to {baseline} (student − {baseline} student of the same seed)", "",
+                  "Mean ± sample std of the per-seed differences, n seeds, 95 % t-interval; * marks an interval "
+                  "that excludes 0 (only those are differences larger than the seed spread).", "",
+                  "| teacher | " + " | ".join(others) + " |", "|---" * (len(others) + 1) + "|"]
+        for row, vals in results.items():
+            lines.append(f"| {row} | " + " | ".join(
+                format_delta(vals[c]["delta"]) if "delta" in (vals.get(c) or {}) else "–" for c in others) + " |")
     return "\n".join(lines) + "\n"
 

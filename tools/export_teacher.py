@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Export a trained teacher's per-point logits over the training set (the teacher cache).
 
+    python tools/export_teacher.py --work-dir work_dirs/kitti/quickstart         # the run's own config.yaml
     python tools/export_teacher.py configs/kitti/quickstart.yaml                 # -> WORK_DIR/teacher_cache
     python tools/export_teacher.py CONFIG --out /fast/disk/cache --chunk-frames 128
     torchrun --nproc_per_node=8 tools/export_teacher.py configs/kitti_fusion_pssm.yaml
@@ -10,16 +11,34 @@ in eval mode on the unaugmented scan and the whole image, and writes float16 log
 every in-view point, keyed by frame and raw point index (format:
 pcseg_kd/data/kitti/teacher_cache.py, docs/training_kitti.md). A killed export resumes at
 the first missing chunk. Train the student on it with distiller.teacher_source=cache (the
-student stage also exports it itself when it is missing).
+student stage also exports it itself when it is missing). With --work-dir alone the config is
+WORK_DIR/config.yaml, the one tools/train.py saved, so no training override is repeated; a
+CONFIG argument and dotted overrides win over it (the tool says which it read).
 """
+import argparse
 import contextlib
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pcseg_kd.engine.kitti.schema import load_kitti_experiment  # noqa: E402
-from pcseg_kd.engine.runner import default_work_dir, parse_args  # noqa: E402
+from pcseg_kd.config import ConfigError  # noqa: E402
+from pcseg_kd.engine.kitti.run_config import resolve_run_config  # noqa: E402
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", nargs="?", default=None,
+                   help="experiment YAML (default: WORK_DIR/config.yaml, the run's own)")
+    p.add_argument("overrides", nargs="*",
+                   help="dotted overrides, e.g. data.train.root=/data/semantic_kitti teacher.optim.batch_size=4 "
+                        "data.num_workers=8 teacher_checkpoint=path/to/final.pt")
+    p.add_argument("--work-dir", default=None,
+                   help="the run's folder (default: work_dirs/<config's parent folder>/<config stem>); "
+                        "alone, its config.yaml is the config")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    options(p)
+    return p.parse_intermixed_args(argv)  # options may come before, between or after overrides
 
 
 def options(p):
@@ -31,7 +50,7 @@ def options(p):
 
 
 def main(argv=None):
-    args = parse_args(__doc__.splitlines()[0], argv, extra=options)
+    args = parse_args(argv)
     from pcseg_kd.engine.distributed import cleanup, init_distributed
     from pcseg_kd.engine.kitti.data import generate_synthetic_if_missing
     from pcseg_kd.engine.kitti.export import export_teacher
@@ -39,9 +58,13 @@ def main(argv=None):
 
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"error: --batch-size must be >= 1, got {args.batch_size}")
-    cfg = load_kitti_experiment(args.config, args.overrides)
-    work_dir = Path(args.work_dir) if args.work_dir else default_work_dir(args.config)
+    try:
+        cfg, work_dir, note = resolve_run_config(args.config, args.overrides, args.work_dir, "tools/export_teacher.py")
+    except (ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
     env = init_distributed(cfg["device"])
+    if env.is_main:
+        print(note)
     try:
         if cfg["threads"]:
             import torch

@@ -5,11 +5,16 @@
     python tools/visualize_kitti.py --root data/semantic_kitti --frame 08/000100 --predictions preds/ --out f.png
     python tools/visualize_kitti.py --root ... --frame ... --predictions preds/ --open3d   # interactive, optional
 
+    python tools/visualize_kitti.py --work-dir work_dirs/kitti/quickstart --frame 08/000002   # the run's dataset
+    python tools/visualize_kitti.py --pair work_dirs/kitti/quickstart --frame 08/000004
     python tools/visualize_kitti.py --pair work_dirs/shift_study/students/seed0/fusion-d1-dkd_pssm --frame 08/000004
 
-``--pair CELL`` (a distilled student's work folder, e.g. a shift-study cell): PSSM's mask Ω on
-one validation frame's in-view points over the image the teacher sees, beside where the
-teacher and the student are wrong (the dataset and both models come from CELL/config.yaml).
+``--work-dir WORK``: the dataset root and label map come from WORK/config.yaml, the config
+tools/train.py saved (--root and --label-map win). ``--pair WORK`` (a distilled student's work
+folder: a tools/train.py folder holding teacher/ and student/, or a shift-study cell whose
+config names teacher_checkpoint): PSSM's mask Ω on one validation frame's in-view points over
+the image the teacher sees, beside where the teacher and the student are wrong (the dataset
+and both models come from WORK/config.yaml).
 Predictions are the files tools/test.py --predictions writes (raw label ids). The PNG needs
 only matplotlib; --open3d needs the optional extra (pip install 'pcseg_kd[vis]').
 A bad input file is one ``error: ...`` line naming it (exit status 1); --debug shows the traceback.
@@ -26,6 +31,8 @@ from pcseg_kd.utils.cli import run_main  # noqa: E402
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", default=None, help="dataset root (holds sequences/)")
+    p.add_argument("--work-dir", default=None,
+                   help="a tools/train.py output folder (its config.yaml gives --root and --label-map)")
     p.add_argument("--pair", default=None, help="a distilled student's work folder: draw PSSM's Ω for --frame")
     p.add_argument("--frame", required=True, help="SS/NNNNNN, e.g. 08/000003")
     p.add_argument("--predictions", default=None, help="folder with sequences/SS/predictions/NNNNNN.label")
@@ -36,8 +43,15 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.pair:
         return draw_omega(args)
+    if args.work_dir:
+        root, label_map = run_dataset(Path(args.work_dir))
+        given = [f for f, v in (("--root", args.root), ("--label-map", args.label_map)) if v]
+        print(f"config: {Path(args.work_dir) / 'config.yaml'} (the run's own)"
+              + (f"; {' and '.join(given)} given, so {'they win' if len(given) > 1 else 'it wins'}" if given else ""))
+        args.root = args.root or root
+        args.label_map = args.label_map or label_map
     if not args.root:
-        p.error("--root is required (or --pair)")
+        p.error("--root is required (or --work-dir, or --pair)")
 
     from pcseg_kd.data.kitti import LabelMap, lidar_to_image_matrix, read_calib, read_image
     from pcseg_kd.data.kitti.projection import check_image_size
@@ -80,6 +94,19 @@ def main(argv=None):
             show_open3d(points, panels.get("prediction", panels.get("labels")), lm.train_colors_rgb, args.frame)
 
 
+def run_dataset(work_dir: Path):
+    """The validation root (else the training root) and label map of the run in ``work_dir``."""
+    from pcseg_kd.config import ConfigError
+    from pcseg_kd.engine.kitti.run_config import resolve_run_config
+
+    try:
+        cfg, _, _ = resolve_run_config(None, [], str(work_dir), "tools/visualize_kitti.py")
+    except (ConfigError, KeyError, ValueError, TypeError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}")
+    data = cfg["data"].get("val") or cfg["data"]["train"]
+    return data["root"], data.get("label_map_file")
+
+
 def draw_omega(args):
     import numpy as np
     import torch
@@ -88,7 +115,7 @@ def draw_omega(args):
     from pcseg_kd.data.kitti.collate import collate_kitti
     from pcseg_kd.engine.kitti.diagnostics import frame_omega
     from pcseg_kd.engine.kitti.schema import load_kitti_experiment
-    from pcseg_kd.engine.kitti.train import load_frozen
+    from pcseg_kd.engine.kitti.teacher import load_frozen, teacher_weights_path
     from pcseg_kd.engine.runner import import_all
     from pcseg_kd.losses.pssm import pssm_config
     from pcseg_kd.registry import DATASETS
@@ -101,8 +128,11 @@ def draw_omega(args):
         if not f.is_file():
             raise SystemExit(f"error: {f} does not exist: --pair must be a trained student's work folder")
     cfg = load_kitti_experiment(str(cfg_file))
-    if not cfg.get("teacher_checkpoint"):
-        raise SystemExit(f"error: {cfg_file} has no teacher_checkpoint: --pair needs a distilled student")
+    # a tools/train.py folder holds its own teacher; a shift-study cell names another folder's
+    teacher_file = teacher_weights_path(cfg, cell)
+    if not teacher_file.is_file():
+        raise SystemExit(f"error: {teacher_file} does not exist: --pair needs a distilled student's work folder "
+                         f"with its teacher (teacher/final.pt there, or teacher_checkpoint in {cfg_file})")
     pssm = dict(cfg["distiller"].get("pssm") or {"preset": "reference", "space": "probs"})
     pssm_cfg = pssm_config(pssm.pop("preset", "reference"), **pssm)
     val_cfg = dict(cfg["data"]["val"], **({"root": args.root} if args.root else {}))
@@ -115,7 +145,7 @@ def draw_omega(args):
                          f"(e.g. {', '.join(ids[:3])})")
     device = torch.device("cpu")
     student = load_frozen(student_file, cfg["student"]["model"], device, "student.model")
-    teacher = load_frozen(Path(cfg["teacher_checkpoint"]), cfg["teacher"]["model"], device, "teacher.model")
+    teacher = load_frozen(teacher_file, cfg["teacher"]["model"], device, "teacher.model")
     batch = collate_kitti([ds[match[0]]])
     out = frame_omega(student, teacher, batch, pssm_cfg, ds.ignore_index)
     image = batch["images"][0].permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)

@@ -22,7 +22,10 @@ import torch
 from ...registry import DATASETS, MODELS
 from ..checkpoint import load_checkpoint
 from ..distributed import DistEnv
-from .train import ShardedBatchSampler, evaluate, load_weights, make_loader, rows_of, to_device
+from .data import ShardedBatchSampler, make_loader, to_device
+from .evaluate import evaluate
+from .objective import rows_of
+from .teacher import load_weights, without_pretrained
 from .tta import TTAModel, check_tta
 
 
@@ -56,8 +59,6 @@ def load_model(checkpoint: Path, device: torch.device, model_cfg: Optional[Dict[
     A final.pt must hold the ``stage``'s kind of model (``model_cfg``'s type) and, when it
     stores its training config, have been trained on the input settings of ``data_cfg``
     (:data:`INPUT_KEYS`): anything else is an error naming the file and what differs."""
-    from .train import without_pretrained
-
     state = load_checkpoint(checkpoint)
     weights = state.get("model", state)
     if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):

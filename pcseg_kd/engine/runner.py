@@ -30,7 +30,29 @@ def parse_args(description: str, argv: Optional[Sequence[str]] = None,
     p.add_argument("--force", action="store_true", help="recompute results that are already in the work dir")
     if extra is not None:
         extra(p)
-    return p.parse_intermixed_args(argv)  # options may come before, between or after overrides
+    args = p.parse_intermixed_args(argv)  # options may come before, between or after overrides
+    if args.work_dir is not None:
+        try:
+            check_work_dir(args.work_dir)
+        except ValueError as e:
+            p.error(str(e))
+    return args
+
+
+def check_work_dir(path: "os.PathLike | str") -> Path:
+    """``path`` as a work folder, or a ValueError saying why it cannot be one: a symlink whose
+    target does not exist (``mkdir`` would say only "File exists"), or a file."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise ValueError(f"--work-dir {path}: a symlink to {os.readlink(path)}, which does not exist: "
+                         "create the target folder, or remove the link")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--work-dir {path}: exists and is not a folder")
+    for parent in path.parents:  # a dangling link above the folder fails the same way
+        if parent.is_symlink() and not parent.exists():
+            raise ValueError(f"--work-dir {path}: {parent} is a symlink to {os.readlink(parent)}, which does "
+                             "not exist")
+    return path
 
 
 def experiment_kind(path: str, overrides: Sequence[str] = ()) -> str:
@@ -64,4 +86,4 @@ def write_json(path: os.PathLike, obj: Any) -> None:
     _write_json(path, obj, indent=2)
 
 
-__all__ = ["parse_args", "run_checks", "import_all", "experiment_kind", "default_work_dir", "write_json", "save_config", "ConfigError"]
+__all__ = ["parse_args", "run_checks", "import_all", "experiment_kind", "default_work_dir", "check_work_dir", "write_json", "save_config", "ConfigError"]

@@ -45,7 +45,29 @@ def read_calib(path: PathLike) -> Dict[str, np.ndarray]:
     missing = [k for k in REQUIRED_KEYS if k not in calib]
     if missing:
         raise KittiDataError(path, f"missing {', '.join(missing)} (has {', '.join(calib) or 'nothing'})")
+    for key in calib:
+        check_matrix(path, key, calib[key])
     return calib
+
+
+#: KITTI's P matrices hold focal lengths and offsets of ~10^2..10^3 pixels and Tr a rotation
+#: and a translation of < 1 m; an entry beyond this is a corrupt value (1e300 overflows the
+#: projection to inf / NaN and every pixel index with it).
+MAX_ABS_CALIB = 1e6
+
+
+def check_matrix(path: PathLike, key: str, m: np.ndarray) -> None:
+    """A 3x4 matrix that cannot be a camera projection or a rigid transform: an all-zero row
+    (a projection or transform that loses a coordinate) or an absurd entry."""
+    big = np.abs(m) > MAX_ABS_CALIB
+    if big.any():
+        r, c = np.argwhere(big)[0]
+        raise KittiDataError(path, f"{key}: entry ({r}, {c}) = {m[r, c]:g} is beyond {MAX_ABS_CALIB:g} "
+                                   "(corrupt calibration?)")
+    zero = ~np.any(m[:, :3] != 0, axis=1)
+    if zero.any():
+        raise KittiDataError(path, f"{key}: row {int(np.flatnonzero(zero)[0])} of its 3x3 part is all zeros: "
+                                   "not a camera projection or a rotation (corrupt calibration?)")
 
 
 def to_homogeneous(m34: np.ndarray) -> np.ndarray:

@@ -58,6 +58,30 @@ def check_dataset_options(voxel_size=None, point_range=None, image_crop_hw=None,
         raise ValueError("; ".join(problems))
 
 
+def check_frame_files(root: Path, sequences: Sequence[str], frames: Sequence[Frame], labels: bool,
+                      images: bool) -> None:
+    """Raise :class:`KittiDataError` naming the missing file when a sequence's scans, labels and
+    images disagree: frames are listed from the ``.bin`` scans, so a scan missing beside its
+    ``.label`` / ``.png`` would otherwise drop the frame without a word. A sequence without
+    a labels/ (test) or image_2/ folder at all is not checked for that kind."""
+    from .frames import normalise_sequence
+
+    scans = {(f.sequence, f.frame) for f in frames}
+    for seq in sequences:
+        seq = normalise_sequence(seq)
+        seq_dir = Path(root) / "sequences" / seq
+        for wanted, sub, ext in ((labels, "labels", ".label"), (images, "image_2", ".png")):
+            folder = seq_dir / sub
+            if not wanted or not folder.is_dir():
+                continue
+            orphans = sorted(p.stem for p in folder.glob(f"*{ext}") if (seq, p.stem) not in scans)
+            if orphans:
+                missing = seq_dir / "velodyne" / f"{orphans[0]}.bin"
+                raise KittiDataError(missing, f"scan not found, but {sub}/{orphans[0]}{ext} exists "
+                                              f"({len(orphans)} such frame(s) in sequence {seq}): an incomplete "
+                                              "download or copy")
+
+
 def input_settings(data_cfg: Dict[str, Any], keys: Sequence[str]) -> Dict[str, Any]:
     """The dataset options ``keys`` of a dataset config as the dataset will use them: unset
     (or null) ones at the dataset's defaults, lists as lists of floats. Compared to tell whether
@@ -126,7 +150,11 @@ class SemanticKITTIDataset(Dataset):
             raise KittiDataError(self.root / "sequences", "dataset root has no sequences/ folder")
         self.split = split
         self.sequences = [str(s) for s in sequences] if sequences else sequences_of_split(split, split_sequences)
-        frames = list_frames(self.root, self.sequences)[::frame_stride]
+        all_frames = list_frames(self.root, self.sequences)
+        self.load_labels = (split != "test") if load_labels is None else load_labels
+        self.load_image = load_image
+        check_frame_files(self.root, self.sequences, all_frames, self.load_labels, load_image)
+        frames = all_frames[::frame_stride]
         self.frames: List[Frame] = frames[:max_frames] if max_frames else frames
         self.label_map = LabelMap(label_map_file, ignore_index)
         self.ignore_index = self.label_map.ignore_index
@@ -135,8 +163,6 @@ class SemanticKITTIDataset(Dataset):
         if unknown_labels not in ("error", "ignore"):
             raise ValueError(f"unknown_labels must be 'error' or 'ignore', got {unknown_labels!r}")
         self.unknown_labels = unknown_labels
-        self.load_labels = (split != "test") if load_labels is None else load_labels
-        self.load_image = load_image
         self.camera = camera
         self.require_in_view = require_in_view
         if fov_only and not load_image:
@@ -215,8 +241,9 @@ class SemanticKITTIDataset(Dataset):
         if self.load_image:
             proj_matrix = self.lidar_to_image(frame)
             image = read_image(frame.image)
-            from .projection import check_image_size  # the image's size must fit the calibration
+            from .projection import check_image_size, check_maps_into_image
             check_image_size(frame.image, image.shape[:2], proj_matrix, frame.calib, self.camera)
+            check_maps_into_image(proj_matrix, image.shape[:2], frame.calib, self.camera)
             proj = project_to_image(scan[:, :3], proj_matrix, image.shape[:2])
             in_view = np.flatnonzero(proj.in_view)
             if in_view.size == 0 and self.require_in_view:
@@ -244,25 +271,55 @@ class SemanticKITTIDataset(Dataset):
                       point2voxel=vox.point2voxel, spatial_shape=vox.spatial_shape)
         return sample
 
+    def _train_labels(self, frame: Frame, what: str) -> Optional[np.ndarray]:
+        """The train ids of ``frame`` on the rows the models train on (the in-view points with
+        ``fov_only``), ignored rows dropped; None for a bad frame under ``skip_bad_frames``."""
+        try:
+            scan = read_scan(frame.scan)
+            sem, _ = read_label(frame.label, len(scan))
+            labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
+            if self.fov_only:
+                proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
+                labels = labels[proj.in_view]
+        except KittiDataError as err:
+            if not self.skip_bad_frames:
+                raise
+            warnings.warn(f"{what}: skipping bad frame {frame.frame_id}: {err}", stacklevel=3)
+            return None  # training never reads it either
+        return labels[labels != self.ignore_index]
+
+    def _unlabelled_error(self, setting: str) -> KittiDataError:
+        rows = "in-view points" if self.fov_only else "points"
+        return KittiDataError(self.root, f"no labelled point in the training data (sequences "
+                                         f"{', '.join(self.sequences)}, {len(self.frames)} frames): every "
+                                         f"label of their {rows} maps to ignore (unlabelled / 0 under "
+                                         f"{self.label_map.path}); {setting} has nothing to learn from. Are "
+                                         "the labels/ files the right ones?")
+
     def label_counts(self, progress: bool = False) -> np.ndarray:
         """``[num_classes]`` int64 labelled points per class over every frame, on the rows the
-        models train on (the in-view points with ``fov_only``); no augmentation, no voxels."""
+        models train on (the in-view points with ``fov_only``); no augmentation, no voxels.
+        All zero is a :class:`KittiDataError` naming the data (``loss.class_weights: frequency``
+        counts these)."""
         from tqdm import tqdm
 
         counts = np.zeros(self.num_classes, dtype=np.int64)
         for frame in tqdm(self.frames, desc="class counts", disable=not (progress and sys.stderr.isatty())):
-            try:
-                scan = read_scan(frame.scan)
-                sem, _ = read_label(frame.label, len(scan))
-                labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
-                if self.fov_only:
-                    proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
-                    labels = labels[proj.in_view]
-            except KittiDataError as err:
-                if not self.skip_bad_frames:
-                    raise
-                warnings.warn(f"class counts: skipping bad frame {frame.frame_id}: {err}", stacklevel=2)
-                continue  # training never reads it either
-            labels = labels[labels != self.ignore_index]
-            counts += np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+            labels = self._train_labels(frame, "class counts")
+            if labels is not None:
+                counts += np.bincount(labels, minlength=self.num_classes)[: self.num_classes]
+        if not counts.any():
+            raise self._unlabelled_error("loss.class_weights: frequency (class frequencies counted on it)")
         return counts
+
+    def check_has_labels(self, setting: str = "training") -> None:
+        """Raise :class:`KittiDataError` naming the root, sequences and ``setting`` when no frame
+        has a labelled point. Stops at the first labelled frame (one frame on real data), so it
+        is cheap enough to run before every training stage."""
+        if not self.load_labels:
+            return
+        for frame in self.frames:
+            labels = self._train_labels(frame, "label check")
+            if labels is not None and labels.size:
+                return
+        raise self._unlabelled_error(setting)

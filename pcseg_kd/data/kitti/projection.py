@@ -57,6 +57,24 @@ def principal_point(projection: np.ndarray) -> Tuple[float, float]:
     return float(m[0] @ m[2] / n3), float(m[1] @ m[2] / n3)
 
 
+#: LiDAR points straight ahead of the car (x forward in the velodyne frame, KITTI's and the
+#: synthetic data's convention): a calibration that maps none of them into the image maps
+#: (almost) nothing there, and every scan would fail one by one with "no point in view".
+_AHEAD = np.array([[d, 0.0, z] for d in (5.0, 10.0, 20.0, 40.0) for z in (-1.0, 0.0, 1.0)])
+
+
+def check_maps_into_image(projection: np.ndarray, image_hw: Tuple[int, int], calib_path, camera: str = "P2") -> None:
+    """Raise :class:`KittiDataError` naming ``calib_path`` when no point ahead of the LiDAR lands in
+    an image of ``image_hw``: a calibration that looks nowhere near the road ahead."""
+    from .errors import KittiDataError
+
+    with np.errstate(all="ignore"):
+        proj = project_to_image(_AHEAD, projection, image_hw)
+    if not proj.in_view.any():
+        raise KittiDataError(calib_path, f"{camera} @ Tr maps no point ahead of the LiDAR (x = 5..40 m) into the "
+                                         f"{image_hw[1]}x{image_hw[0]} image: a degenerate or foreign calibration")
+
+
 def check_image_size(image_path, image_hw: Tuple[int, int], projection: np.ndarray,
                      calib_path=None, camera: str = "P2", tolerance: float = IMAGE_SIZE_TOLERANCE) -> None:
     """Raise :class:`KittiDataError` naming ``image_path`` when the image's size does not fit the
@@ -67,12 +85,20 @@ def check_image_size(image_path, image_hw: Tuple[int, int], projection: np.ndarr
     from .errors import KittiDataError
 
     h, w = int(image_hw[0]), int(image_hw[1])
-    cx, cy = principal_point(projection)
+    where = f"calib {calib_path}'s {camera}" if calib_path is not None else f"the calibration's {camera}"
+    with np.errstate(all="ignore"):  # a degenerate matrix is reported below, naming the calib file
+        try:
+            cx, cy = principal_point(projection)
+        except ValueError as e:
+            raise KittiDataError(calib_path if calib_path is not None else image_path,
+                                 f"{camera} @ Tr: {e} (a degenerate calibration)") from None
+        if not np.isfinite([cx, cy]).all():
+            raise KittiDataError(calib_path if calib_path is not None else image_path,
+                                 f"{camera} @ Tr: non-finite principal point ({cx}, {cy}) (a degenerate calibration)")
     iw, ih = 2.0 * cx, 2.0 * cy
     bad = not (iw > 0 and ih > 0) or any(not (1.0 / tolerance <= actual / implied <= tolerance)
                                          for actual, implied in ((w, iw), (h, ih)))
     if bad:
-        where = f"calib {calib_path}'s {camera}" if calib_path is not None else f"the calibration's {camera}"
         raise KittiDataError(image_path, f"image size {w}x{h} does not fit {where}: its principal point "
                                          f"({cx:.1f}, {cy:.1f}) implies about {iw:.0f}x{ih:.0f} "
                                          f"(a resized image, or one of another camera or sequence?)")

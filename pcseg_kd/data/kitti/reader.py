@@ -8,6 +8,7 @@ the file name, not later as a shape error in numpy.
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 from typing import Tuple
 
@@ -86,11 +87,17 @@ def read_image(path: PathLike) -> np.ndarray:
 
 def _file_size(path: Path, what: str) -> int:
     try:
-        return os.stat(path).st_size
+        st = os.stat(path)
     except FileNotFoundError:
         raise KittiDataError(path, f"{what} not found") from None
     except OSError as e:
         raise KittiDataError(path, f"cannot stat {what}: {e}") from None
+    # a folder's st_size is its directory block (4096): read as data it looks like a wrong count
+    if stat.S_ISDIR(st.st_mode):
+        raise KittiDataError(path, f"{what} is a directory, not a file")
+    if not stat.S_ISREG(st.st_mode):
+        raise KittiDataError(path, f"{what} is not a regular file")
+    return st.st_size
 
 
 def write_scan(path: PathLike, points: np.ndarray) -> None:

@@ -157,6 +157,56 @@ def test_cells_train_each_teacher_once_and_the_baseline_once_per_seed(tmp_path):
     assert q["data/synthetic_kitti_shift_d0.5"] == {"degradation": 0.5}
 
 
+def test_gather_gives_paired_deltas_with_their_intervals(tmp_path):
+    """gather() on hand-written cell.json files: every paired Δ (student − no-KD of the same
+    seed; KD+PSSM − KD) against a hand computation with t(0.975, 2) = 4.3027, records keep
+    their keys and get their cell's delta_ci95, the Markdown marks intervals that exclude 0."""
+    import json
+
+    from pcseg_kd.engine.kitti.shift_study import RECORD_KEYS, gather
+
+    study = {"name": "fake", "config_path": "study.yaml", "config_overrides": [], "seeds": [0, 1, 2],
+             "teachers": {"fusion": []}, "degradations": [0.0], "teacher_seed": 0, "paper": {},
+             "methods": {"none": [], "kd": [], "kd_pssm": []}}
+    base = {0: 30.0, 1: 33.0, 2: 31.0}
+    kd = {0: 30.5, 1: 32.0, 2: 32.5}           # Δ: +0.5, -1.0, +1.5: the interval holds 0
+    kd_pssm = {0: 32.0, 1: 35.2, 2: 32.9}      # Δ: +2.0, +2.2, +1.9; PSSM's own: +1.5, +3.2, +0.4
+    all_cells = [{"name": "teacher-fusion-d0", "kind": "teacher", "teacher": "fusion", "degradation": 0.0,
+                  "method": None, "seed": 0, "dir": tmp_path / "t"}]
+    all_cells += [{"name": "none", "kind": "baseline", "teacher": None, "degradation": None, "method": "none",
+                   "seed": s, "dir": tmp_path / f"b{s}"} for s in base]
+    all_cells += [{"name": f"fusion-d0-{m}", "kind": "student", "teacher": "fusion", "degradation": 0.0, "method": m,
+                   "seed": s, "dir": tmp_path / f"{m}{s}"} for m in ("kd", "kd_pssm") for s in base]
+    for c in all_cells:
+        c["dir"].mkdir()
+        v = {"teacher": 45.0, "baseline": base, "kd": kd, "kd_pssm": kd_pssm}[c["method"] and c["method"].replace(
+            "none", "baseline") or "teacher"]
+        v = v if isinstance(v, float) else v[c["seed"]]
+        out = {"in_view": v, "all": v - 10, "seconds": 1.0, "omega_last_epoch": None,
+               "output_cmd": {"fusion-d0": 0.1} if c["kind"] == "baseline" else 0.1}
+        (c["dir"] / "cell.json").write_text(json.dumps(out))
+    res = gather(study, tmp_path / "w", all_cells)
+
+    def interval(diffs):
+        m, sd = np.mean(diffs), np.std(diffs, ddof=1)
+        return [m - 4.302653 * sd / 3 ** 0.5, m + 4.302653 * sd / 3 ** 0.5]
+    cell = res["summary"]["fusion"]["d0"]
+    assert cell["kd_pssm"]["delta_in_view"]["mean"] == pytest.approx(2.0333333)
+    assert cell["kd_pssm"]["delta_in_view_ci95"] == pytest.approx(interval([2.0, 2.2, 1.9]), abs=1e-5)
+    assert cell["kd_pssm"]["delta_all_ci95"] == pytest.approx(interval([2.0, 2.2, 1.9]), abs=1e-5)
+    assert cell["kd_pssm"]["delta_in_view"]["excludes_zero"] and not cell["kd"]["delta_in_view"]["excludes_zero"]
+    assert cell["kd"]["delta_in_view_ci95"] == pytest.approx(interval([0.5, -1.0, 1.5]), abs=1e-5)
+    effect = res["pssm_effect"]["fusion"]["d0"]["kd_pssm-kd"]
+    assert effect["ci95"] == pytest.approx(interval([1.5, 3.2, 0.4]), abs=1e-5) and effect["seeds"] == [0, 1, 2]
+    for rec in res["records"]:
+        assert set(RECORD_KEYS) <= set(rec)
+        assert rec["delta_ci95"] == (None if rec["method"] == "none" else cell[rec["method"]]["delta_in_view_ci95"])
+    md = (tmp_path / "w" / "results.md").read_text()
+    assert "[+2.03 ± 0.15 (n=3, 95 % CI [+1.65, +2.41]) *]" in md
+    assert "[+0.33 ± 1.26 (n=3, 95 % CI [-2.79, +3.46])]" in md
+    assert "| fusion | 0 | +1.70 ± 1.41 (n=3, 95 % CI [-1.80, +5.20]) | – |" in md  # PSSM's own effect
+
+
 @pytest.mark.parametrize("override, message", [
     ("methods={_delete_: true, kd: []}", "methods must include none"),
     ("methods.kdd=[]", "unknown: ['kdd']"),

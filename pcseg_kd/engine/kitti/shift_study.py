@@ -26,12 +26,15 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from ...config import atomic_write_text
+from ...metrics.paired import ci95, format_delta, paired_delta
 from ...utils.io import read_json, write_json
+from .table import PAIRED_KEYS
 from .table import mean_std as stats
 
 METHOD_LABELS = {"none": "no KD", "kd": "KD", "kd_pssm": "KD+PSSM", "dkd": "DKD", "dkd_pssm": "DKD+PSSM"}
 RECORD_KEYS = ("teacher", "degradation", "method", "seed", "student_in_view", "student_all", "baseline_in_view",
-               "teacher_in_view", "omega_one_share", "omega_zero_share", "output_cmd")
+               "teacher_in_view", "omega_one_share", "omega_zero_share", "output_cmd", "delta_ci95")
+PSSM_PAIRS = (("kd_pssm", "kd"), ("dkd_pssm", "dkd"))  # PSSM's own effect: with − without, same seed
 
 
 @dataclass(kw_only=True)
@@ -316,12 +319,16 @@ def gather(study: Dict[str, Any], work_dir: Path, all_cells: List[Dict[str, Any]
     records.sort(key=lambda r: (list(study["teachers"]).index(r["teacher"]), r["degradation"],
                                 list(study["methods"]).index(r["method"]), r["seed"]))
     summary = summarise(records)
+    for r in records:  # the interval of the record's cell (teacher, D, method) over its seeds, in view
+        r["delta_ci95"] = (None if r["method"] == "none"
+                           else summary[r["teacher"]][d_tag(r["degradation"])][r["method"]]["delta_in_view_ci95"])
     spread = stats([b["in_view"] for b in baselines.values()])
     total_cell_seconds = sum(o.get("seconds") or 0.0 for o in outs.values())
     results = {"name": study["name"], "command": study_command(study), "seeds": study["seeds"],
                "baseline_in_view": spread, "baseline_all": stats([b["all"] for b in baselines.values()]),
                "teachers": {f"{t}-{d_tag(d)}": o["in_view"] for (t, d), o in teachers.items()},
-               "summary": summary, "records": records, "cell_seconds_total": total_cell_seconds,
+               "summary": summary, "pssm_effect": pssm_effect(records), "records": records,
+               "cell_seconds_total": total_cell_seconds,
                "wall_seconds_last_run": seconds}
     write_json(work_dir / "results.json", results)
     write_json(work_dir / "records.json", records)  # what docs/results/kitti_shift_study.json holds
@@ -334,19 +341,45 @@ def study_command(study: Dict[str, Any]) -> str:
     return " ".join(["python tools/kitti_table.py", study["config_path"]] + study["config_overrides"])
 
 
+def paired(student: List[Optional[float]], control: List[Optional[float]]) -> Dict[str, Any]:
+    """The paired Δ over the seeds where both values exist: mean, std, n, t-interval."""
+    pairs = [(a, b) for a, b in zip(student, control) if a is not None and b is not None]
+    d = paired_delta([a for a, _ in pairs], [b for _, b in pairs])
+    return {k: d[k] for k in PAIRED_KEYS}
+
+
+def pssm_effect(records: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Per teacher and D: KD+PSSM − KD and DKD+PSSM − DKD of the same seed (in view), with
+    their intervals: PSSM's effect on its own, not through the no-KD student."""
+    by = {(r["teacher"], r["degradation"], r["method"], r["seed"]): r["student_in_view"] for r in records}
+    out: Dict[str, Any] = {}
+    for t, d in dict.fromkeys((r["teacher"], r["degradation"]) for r in records):
+        for with_, without in PSSM_PAIRS:
+            seeds = sorted(s for (t2, d2, m, s) in by if (t2, d2, m) == (t, d, with_) and (t, d, without, s) in by)
+            if seeds:
+                p = paired([by[(t, d, with_, s)] for s in seeds], [by[(t, d, without, s)] for s in seeds])
+                out.setdefault(t, {}).setdefault(d_tag(d), {})[f"{with_}-{without}"] = {
+                    **p, "ci95": None if p["low"] is None else [p["low"], p["high"]], "seeds": seeds}
+    return out
+
+
 def summarise(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Per teacher, D and method: mean ± sample std over seeds of the student's mIoU (in view,
-    all), of the paired Δ to the no-KD student of the same seed, of the CMD and Ω shares."""
+    all), of the CMD and Ω shares, and the paired Δ to the no-KD student of the same seed
+    with its 95 % t-interval (``delta_*``: mean, std, n, t, half_width, low, high,
+    excludes_zero; ``delta_*_ci95``: [low, high])."""
     out: Dict[str, Any] = {}
     groups: Dict[tuple, List[Dict[str, Any]]] = {}
     for r in records:
         groups.setdefault((r["teacher"], r["degradation"], r["method"]), []).append(r)
     for (t, d, m), rs in groups.items():
+        delta_in_view = paired([r["student_in_view"] for r in rs], [r["baseline_in_view"] for r in rs])
+        delta_all = paired([r["student_all"] for r in rs], [r["baseline_all"] for r in rs])
         out.setdefault(t, {}).setdefault(d_tag(d), {})[m] = {
             "student_in_view": stats([r["student_in_view"] for r in rs]),
             "student_all": stats([r["student_all"] for r in rs]),
-            "delta_in_view": stats([r["student_in_view"] - r["baseline_in_view"] for r in rs]),
-            "delta_all": stats([r["student_all"] - r["baseline_all"] for r in rs]),
+            "delta_in_view": delta_in_view, "delta_all": delta_all,
+            "delta_in_view_ci95": ci95(delta_in_view), "delta_all_ci95": ci95(delta_all),
             "output_cmd": stats([r["output_cmd"] for r in rs]),
             "omega_one_share": stats([r["omega_one_share"] for r in rs]),
             "omega_zero_share": stats([r["omega_zero_share"] for r in rs]),
@@ -368,7 +401,9 @@ def markdown(study: Dict[str, Any], results: Dict[str, Any]) -> str:
     lines = [f"# {study['name'] or 'Shift study'}", "",
              f"`{results['command']}`", "",
              f"Student val mIoU (%) on in-view points, mean ± sample std over seeds {study['seeds']}; "
-             "in brackets the paired Δ to the no-KD student of the same seed (mean ± std). "
+             "in brackets the paired Δ to the no-KD student of the same seed (mean ± std of the per-seed "
+             "differences, n, 95 % t-interval; * marks an interval that excludes 0, the only differences "
+             "larger than the seed spread). "
              f"No-KD student: {_pm(b)} in view, {_pm(results['baseline_all'])} on full scans "
              f"(its seed-to-seed spread). Teachers: trained once per (teacher, D), seed {study['teacher_seed']}, "
              "in-view mIoU. Paper (Table 6, real SemanticKITTI) in parentheses at D = 0.", ""]
@@ -390,7 +425,7 @@ def markdown(study: Dict[str, Any], results: Dict[str, Any]) -> str:
                     continue
                 txt = _pm(s["student_in_view"])
                 if m != "none":
-                    txt += f" [{_pm(s['delta_in_view'], signed=True)}]"
+                    txt += f" [{format_delta(s['delta_in_view'])}]"
                 if d == 0 and METHOD_LABELS[m] in paper:
                     txt += f" ({paper[METHOD_LABELS[m]]:.2f})"
                 cells_.append(txt)
@@ -402,8 +437,18 @@ def markdown(study: Dict[str, Any], results: Dict[str, Any]) -> str:
             row = summary.get(t, {}).get(d_tag(d), {})
             if row:
                 lines.append(f"| {t} | {float(d):g} | " + " | ".join(
-                    (_pm(row[m]["student_all"]) + ("" if m == "none" else f" [{_pm(row[m]['delta_all'], signed=True)}]"))
+                    (_pm(row[m]["student_all"]) + ("" if m == "none" else f" [{format_delta(row[m]['delta_all'])}]"))
                     if m in row else "–" for m in methods) + " |")
+    effect = results.get("pssm_effect") or {}
+    if effect:
+        lines += ["", "## PSSM's own effect (in view): the method with PSSM − the same method without, same seed",
+                  "", "| teacher | D | KD+PSSM − KD | DKD+PSSM − DKD |", "|---" * 4 + "|"]
+        for t in study["teachers"]:
+            for d in study["degradations"]:
+                row = effect.get(t, {}).get(d_tag(d))
+                if row:
+                    lines.append(f"| {t} | {float(d):g} | " + " | ".join(
+                        format_delta(row[f"{a}-{b}"]) if f"{a}-{b}" in row else "–" for a, b in PSSM_PAIRS) + " |")
     lines += ["", "## SSDH diagnostics: output CMD (teacher vs student softmax, in-view val points) "
               "and PSSM's Ω over the last epoch", "",
               "| teacher | D | method | output CMD | Ω = 1 | Ω = 0 | between |", "|---" * 7 + "|"]
@@ -429,7 +474,7 @@ def markdown(study: Dict[str, Any], results: Dict[str, Any]) -> str:
 
 
 def plot(study: Dict[str, Any], results: Dict[str, Any], path: Path) -> None:
-    """Δ in view (paired, mean ± std over seeds) against D, one panel per teacher."""
+    """Δ in view (paired, mean and 95 % t-interval over seeds) against D, one panel per teacher."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -442,8 +487,8 @@ def plot(study: Dict[str, Any], results: Dict[str, Any], path: Path) -> None:
         for i, m in enumerate(m for m in study["methods"] if m != "none"):
             rows = [results["summary"].get(t, {}).get(d_tag(d), {}).get(m) for d in ds]
             mean = [r["delta_in_view"]["mean"] if r else float("nan") for r in rows]
-            std = [(r["delta_in_view"]["std"] or 0.0) if r else 0.0 for r in rows]
-            ax.errorbar([d + 0.012 * (i - 1.5) for d in ds], mean, yerr=std, marker="o", capsize=3, label=METHOD_LABELS[m])
+            half = [(r["delta_in_view"].get("half_width") or 0.0) if r else 0.0 for r in rows]
+            ax.errorbar([d + 0.012 * (i - 1.5) for d in ds], mean, yerr=half, marker="o", capsize=3, label=METHOD_LABELS[m])
         ax.axhline(0.0, color="k", lw=0.8)
         if spread:
             ax.axhspan(-spread, spread, color="0.85", zorder=0, label="no-KD seed std")
@@ -451,7 +496,7 @@ def plot(study: Dict[str, Any], results: Dict[str, Any], path: Path) -> None:
         ax.set_xlabel("image degradation D (larger shift →)")
         ax.set_xticks(ds)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("Δ mIoU in view vs no-KD student (paired)")
+    axes[0][0].set_ylabel("Δ mIoU in view vs no-KD student (paired, 95 % CI)")
     axes[0][-1].legend(fontsize=8)
     fig.suptitle(study["name"] or "shift study")
     fig.tight_layout()

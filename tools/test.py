@@ -25,6 +25,7 @@ rotations / flips of each scan (pcseg_kd/engine/kitti/tta.py; N forward passes a
 JSON then is WORK_DIR/test_<stage>_<split>_ttaN.json and says "tta": N.
 """
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -87,8 +88,14 @@ def main(argv=None):
         raise SystemExit(f"error: {e}")
     views = f", TTA over {args.tta} views" if args.tta > 1 else ""
     subset = f", sequences {' '.join(result['sequences'])} only" if result.get("sequences") else ""
-    print(f"{checkpoint} on {args.split} ({result['scans']} scans{subset}{views})")
     metrics = result.get("metrics") or {}
+    scores = ""
+    if metrics:  # one greppable line, then the per-class table
+        miou = {k: round(v["miou"], 2) for k, v in metrics.items()}
+        present = {k: None if v["miou_present"] != v["miou_present"] else round(v["miou_present"], 2)
+                   for k, v in metrics.items()}
+        scores = f": mIoU {json.dumps(miou)}, over the classes present {json.dumps(present)}"
+    print(f"{checkpoint} on {args.split} ({result['scans']} scans{subset}{views}){scores}")
     if metrics:
         print(iou_table(metrics))
     if "written" in result:

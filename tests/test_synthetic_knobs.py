@@ -130,3 +130,17 @@ def test_scene_knobs_from_a_config_mapping():
             synthetic_config({"scene": {"density": bad}})
     with pytest.raises(ValueError, match="ground_remission_contrast: must be a finite number >= 0"):
         SceneConfig(ground_remission_contrast=-0.5)
+
+
+def test_knobs_tool_prints_both_tables(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    tool = Path(__file__).resolve().parents[1] / "tools/synthetic_knobs.py"
+    r = subprocess.run([sys.executable, str(tool), "--density", "1", "2", "--contrast", "0", "1", "--sequences", "00",
+                        "--frames", "2", "--every", "1"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("| density | car pts / objs / scans with |") and lines[2].startswith("| 1 | ")
+    rows = [ln for ln in lines if ln.startswith("| 0 | ") or ln.startswith("| 1 | ")]
+    assert len(rows) == 3 and "(majority class alone:" in r.stdout

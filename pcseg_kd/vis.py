@@ -3,8 +3,10 @@
 matplotlib renders everything to PNG (headless machines included). open3d, an optional extra
 (``pip install 'pcseg_kd[vis]'``; it needs the system's ``libusb-1.0-0``), adds an interactive
 3D viewer; when it cannot be imported the caller is told why and the PNG path still works.
-Colours are the official ``color_map`` of ``semantic-kitti.yaml``; unlabeled / ignored points
-are grey.
+Colours are the official ``color_map`` of ``semantic-kitti.yaml``; grey points are those
+without a class: unlabelled / ignored in the labels, raw 0 ("not predicted") in a prediction
+file (the points outside the camera's view under the ``fov`` protocol, or without a voxel).
+Every picture's legend says so.
 """
 from __future__ import annotations
 
@@ -70,6 +72,9 @@ def render_scan(points: np.ndarray, panels: Dict[str, np.ndarray], colors_rgb: n
             ax.set_title(f"{name}: {int(iv.sum())} points in the camera's view")
     present = sorted({int(i) for ids in panels.values() for i in np.unique(ids) if 0 <= i < len(class_names)})
     handles = [Patch(color=colors_rgb[i] / 255.0, label=class_names[i]) for i in present]
+    grey = grey_meaning(panels, len(class_names))
+    if grey:
+        handles.append(Patch(color=GREY, label=grey))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7) or 1, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
@@ -79,6 +84,22 @@ def render_scan(points: np.ndarray, panels: Dict[str, np.ndarray], colors_rgb: n
     fig.savefig(out, dpi=dpi)
     plt.close(fig)
     return out
+
+
+def grey_meaning(panels: Dict[str, np.ndarray], num_classes: int) -> str:
+    """The legend entry of the grey points of ``panels`` ("" when there are none): unlabelled in
+    a ``labels`` panel, not predicted (raw 0) in any other."""
+    parts = []
+    for name, ids in panels.items():
+        ids = np.asarray(ids)
+        if ((ids < 0) | (ids >= num_classes)).any():
+            parts.append(f"unlabelled ({name})" if name == "labels" else
+                         f"not predicted, raw 0 ({name}: out of view under fov, or no voxel)")
+    return "grey: " + "; ".join(dict.fromkeys(parts)) if parts else ""
+
+
+#: the legend entry of the grey points of :func:`render_omega`
+OMEGA_GREY = "grey: unlabelled, or no student voxel (no Ω)"
 
 
 def open3d_or_reason() -> Tuple[Optional[object], str]:
@@ -171,7 +192,8 @@ def render_omega(image01: np.ndarray, pixel_vu: np.ndarray, omega: np.ndarray, l
         ("PSSM mask Ω: " + ", ".join(f"{k} {v:.0f} %" for k, v in shares.items()), omega_rgb),
         (f"teacher wrong (red): {100 * t_wrong.sum() / n:.0f} %, of which PSSM switches off (Ω = 0) "
          f"{100 * (t_wrong & off).sum() / max(t_wrong.sum(), 1):.0f} %", right_wrong(teacher_pred)),
-        (f"student wrong (red): {100 * s_wrong.sum() / n:.0f} %", right_wrong(student_pred)),
+        (f"student wrong (red; right: green; grey: unlabelled): {100 * s_wrong.sum() / n:.0f} %",
+         right_wrong(student_pred)),
     ]
     h, w = image01.shape[:2]
     fig, axes = plt.subplots(len(panels), 1, figsize=(12, 3.6 * len(panels) * h / max(w, 1) * 3.3 + 0.6),
@@ -181,8 +203,8 @@ def render_omega(image01: np.ndarray, pixel_vu: np.ndarray, omega: np.ndarray, l
         ax.scatter(pixel_vu[:, 1], pixel_vu[:, 0], c=rgb, s=point_size, linewidths=0)
         ax.set_title(name, fontsize=9)
         ax.set_axis_off()
-    axes[0, 0].legend(handles=[Patch(color=c, label=k) for k, c in OMEGA_COLOURS.items()], loc="lower right",
-                      fontsize=7)
+    axes[0, 0].legend(handles=[Patch(color=c, label=k) for k, c in OMEGA_COLOURS.items()]
+                      + [Patch(color=GREY, label=OMEGA_GREY)], loc="lower right", fontsize=7)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -59,7 +59,7 @@ def test_chunks_round_trip_and_rows_pair_by_raw_point_index(tmp_path):
         fs = tc.chunk_frames_of(meta, k)
         idx = [rng.permutation(sizes[frames.index(f)])[:17] for f in fs]   # unsorted: the writer sorts
         lg = [rng.normal(size=(17, 4)) for _ in fs]
-        tc.write_chunk(tmp_path, k, fs, lg, idx, [sizes[frames.index(f)] for f in fs])
+        tc.write_chunk(tmp_path, k, fs, lg, idx, [sizes[frames.index(f)] for f in fs], fingerprint=meta["fingerprint"])
         truth.update({f: (i, g) for f, i, g in zip(fs, idx, lg)})
     cache = tc.TeacherCache(tmp_path)
     for f, (idx, lg) in truth.items():
@@ -93,10 +93,10 @@ def test_bad_caches_are_refused_naming_the_file(tmp_path):
     frames = ["00/000000", "00/000001"]
     meta = tc.new_meta(frames, 2, ["a", "b"], {"teacher": {"w": 1}, "inputs": {"image_scale": 0.25}}, 1)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    tc.write_chunk(tmp_path, 0, frames[:1], [np.zeros((3, 2))], [np.array([0, 1, 2])], [5])
+    tc.write_chunk(tmp_path, 0, frames[:1], [np.zeros((3, 2))], [np.array([0, 1, 2])], [5], fingerprint=meta["fingerprint"])
     with pytest.raises(tc.TeacherCacheError, match=r"incomplete teacher cache, 1 of 2 chunks missing.*chunk_00001"):
         tc.TeacherCache(tmp_path)
-    tc.write_chunk(tmp_path, 1, frames[1:], [np.zeros((1, 2))], [np.array([4])], [5])
+    tc.write_chunk(tmp_path, 1, frames[1:], [np.zeros((1, 2))], [np.array([4])], [5], fingerprint=meta["fingerprint"])
     cache = tc.TeacherCache(tmp_path)
     with pytest.raises(tc.TeacherCacheError, match=r"chunk_00001.json: frame 00/000001 was cached with 5 points.*now has 6"):
         cache.rows("00/000001", 6)
@@ -108,7 +108,7 @@ def test_bad_caches_are_refused_naming_the_file(tmp_path):
         cache.check_run(frames, 2, ["a", "b"], {"teacher": {"w": 1}, "inputs": {"image_scale": 0.5}})
     cache.check_run(frames, 2, ["a", "b"], {"teacher": {"w": 1}, "inputs": {"image_scale": 0.25}})
     with pytest.raises(ValueError, match=r"distinct and in \[0, 5\)"):
-        tc.write_chunk(tmp_path, 1, frames[1:], [np.zeros((1, 2))], [np.array([5])], [5])
+        tc.write_chunk(tmp_path, 1, frames[1:], [np.zeros((1, 2))], [np.array([5])], [5], fingerprint=meta["fingerprint"])
     (tmp_path / "meta.json").write_text("{}")
     with pytest.raises(tc.TeacherCacheError, match="meta.json: not a pcseg_kd.teacher_cache"):
         tc.TeacherCache(tmp_path)
@@ -382,7 +382,7 @@ def test_unsorted_point_indices_and_changed_scans_are_refused(data_root, teacher
     frames = ["00/000000"]
     meta = tc.new_meta(frames, 2, ["a", "b"], {}, 1)
     (tmp_path / "meta.json").write_text(json.dumps(meta))
-    tc.write_chunk(tmp_path, 0, frames, [np.zeros((3, 2))], [np.array([0, 1, 2])], [9])
+    tc.write_chunk(tmp_path, 0, frames, [np.zeros((3, 2))], [np.array([0, 1, 2])], [9], fingerprint={})
     np.save(tmp_path / "chunk_00000.point_index.npy", np.array([2, 0, 1], np.int32))   # another writer, unsorted
     with pytest.raises(tc.TeacherCacheError, match=r"chunk_00000.point_index.npy: a scan's point indices are not"):
         tc.TeacherCache(tmp_path).rows("00/000000", 9)

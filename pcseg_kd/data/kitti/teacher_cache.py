@@ -5,8 +5,9 @@ Format (version 1), a folder ``CACHE/``::
 
     meta.json                    format, version, num_classes, class_names, logits dtype,
                                  chunk_frames, frames (every frame id, in order), fingerprint
-    chunk_00000.json             the chunk's frames, row offsets and scan sizes (written last:
-                                 a chunk is complete when its .json exists)
+    chunk_00000.json             the chunk's frames, row offsets, scan sizes and the fingerprint
+                                 of the teacher that wrote it (written last: a chunk is complete
+                                 when its .json exists)
     chunk_00000.logits.npy       [R, C] float16: one row per cached point of the chunk's scans
     chunk_00000.point_index.npy  [R] int32: each row's point index in its scan's .bin file
 
@@ -21,6 +22,11 @@ jitter) do not change: a training sample's row ``i`` pairs with the cached row o
 ``point_index[i]`` exactly, whatever was drawn for it that epoch. ``fingerprint`` says
 what produced the logits (``teacher``: the teacher's settings and weights; ``inputs``: the
 dataset settings it saw); a cache that does not match the run is refused, naming the file.
+Every chunk's json repeats meta.json's fingerprint: a chunk of another teacher put under this
+meta.json is refused, naming the chunk, as is a chunk without one (written before chunks
+carried it: whose logits it holds cannot be told, so it is exported again, not trusted).
+A chunk is checked once, when a process first maps it: its point indices within the scan,
+its logits finite.
 """
 from __future__ import annotations
 
@@ -38,7 +44,20 @@ VERSION = 1
 
 
 class TeacherCacheError(ValueError):
-    """A teacher cache that is missing, incomplete or does not match the run (names the file)."""
+    """A teacher cache that is missing, incomplete or does not match the run (names the file).
+
+    Raised in a DataLoader worker (a damaged chunk is found when a worker maps it), torch
+    re-raises it in the main process as ``Caught TeacherCacheError in DataLoader worker ...
+    Original Traceback ...``; the original message is put back first, the worker's traceback
+    kept in ``worker_traceback``."""
+
+    def __init__(self, message: str = ""):
+        self.worker_traceback: Optional[str] = None
+        marker = f"{type(self).__name__}: "
+        if message.startswith("Caught ") and marker in message:
+            self.worker_traceback = message
+            message = message[message.rindex(marker) + len(marker):].rstrip("\n")
+        super().__init__(message)
 
 
 def chunk_stem(root: Path, k: int) -> Path:
@@ -64,19 +83,28 @@ def chunk_frames_of(meta: Dict[str, Any], k: int) -> List[str]:
 
 
 def write_chunk(root: Path, k: int, frames: Sequence[str], logits: Sequence[np.ndarray],
-                point_index: Sequence[np.ndarray], num_scan_points: Sequence[int]) -> None:
+                point_index: Sequence[np.ndarray], num_scan_points: Sequence[int], *,
+                fingerprint: Dict[str, Any]) -> None:
     """Write chunk ``k`` of a cache: per frame ``[R_i, C]`` logits (stored as float16) and
-    ``[R_i]`` point indices (sorted here). The arrays go first, the .json last and each
-    atomically, so a killed writer leaves the chunk incomplete, never wrong."""
+    ``[R_i]`` point indices (sorted here), signed with ``fingerprint`` (meta.json's: the
+    teacher that computed them). The arrays go first, the .json last and each atomically, so a
+    killed writer leaves the chunk incomplete, never wrong."""
+    if not isinstance(fingerprint, dict):
+        raise TypeError(f"write_chunk: fingerprint must be meta.json's fingerprint dict, got {fingerprint!r}")
     stem = chunk_stem(root, k)
     rows, idx, offsets = [], [], [0]
     for f, lg, pi, n in zip(frames, logits, point_index, num_scan_points):
+        # the write path checks what the read path would refuse, before anything is written
         pi = np.asarray(pi, dtype=np.int64)
         order = np.argsort(pi, kind="stable")
         pi = pi[order]
         if len(pi) and (pi[0] < 0 or pi[-1] >= n or (np.diff(pi) == 0).any()):
-            raise ValueError(f"{f}: point indices must be distinct and in [0, {n})")
-        rows.append(np.asarray(lg, dtype=np.float16)[order])
+            raise ValueError(f"{stem}.point_index.npy: frame {f}: point indices must be distinct and in [0, {n})")
+        lg = np.asarray(lg, dtype=np.float16)
+        if not np.isfinite(lg).all():
+            raise ValueError(f"{stem}.logits.npy: frame {f}: non-finite teacher logits (NaN/inf, or beyond float16's 65504): "
+                             "the teacher diverged or overflowed; not cached")
+        rows.append(lg[order])
         idx.append(pi.astype(np.int32))
         offsets.append(offsets[-1] + len(pi))
     num_classes = rows[0].shape[1] if rows else 0
@@ -85,7 +113,7 @@ def write_chunk(root: Path, k: int, frames: Sequence[str], logits: Sequence[np.n
     atomic_write(f"{stem}.point_index.npy", lambda fh: np.save(fh, np.concatenate(idx) if idx else
                                                               np.zeros(0, np.int32)), binary=True)
     write_json(f"{stem}.json", {"frames": list(frames), "offsets": offsets,
-                                "num_scan_points": [int(n) for n in num_scan_points]})
+                                "num_scan_points": [int(n) for n in num_scan_points], "fingerprint": fingerprint})
 
 
 def read_meta(root: Path) -> Dict[str, Any]:
@@ -104,7 +132,70 @@ def read_meta(root: Path) -> Dict[str, Any]:
         raise TeacherCacheError(f"{path}: not a {FORMAT} meta.json (missing {missing or ['format']})")
     if meta["version"] != VERSION:
         raise TeacherCacheError(f"{path}: format version {meta['version']}, this pcseg_kd reads {VERSION}")
+    # each field is used as a number or a list further on (a 0 chunk_frames divided by zero, a
+    # "19" num_classes made "19 classes ..., the student has 19"): checked here, naming the file
+    problems = []
+    for key in ("num_classes", "chunk_frames"):
+        if not _whole(meta[key]) or meta[key] < 1:
+            problems.append(f"{key} must be a whole number >= 1, got {meta[key]!r}")
+    for key in ("class_names", "frames"):
+        if not (isinstance(meta[key], list) and all(isinstance(x, str) for x in meta[key])):
+            problems.append(f"{key} must be a list of strings, got {_short(meta[key])}")
+    if not problems and len(meta["class_names"]) != meta["num_classes"]:
+        problems.append(f"{len(meta['class_names'])} class_names for num_classes {meta['num_classes']}")
+    if not problems and len(set(meta["frames"])) != len(meta["frames"]):
+        problems.append("frames lists a frame twice")
+    if not isinstance(meta["fingerprint"], dict):
+        problems.append(f"fingerprint must be a mapping, got {_short(meta['fingerprint'])}")
+    if meta.get("logits_dtype", "float16") != "float16":
+        problems.append(f"logits_dtype {meta['logits_dtype']!r}: this format stores float16")
+    if problems:
+        raise TeacherCacheError(f"{path}: damaged teacher cache meta.json: {'; '.join(problems)}")
     return meta
+
+
+def _whole(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _short(x: Any) -> str:
+    r = repr(x)
+    return r if len(r) <= 80 else r[:77] + "..."
+
+
+def check_chunk_fingerprint(path: Path, chunk: Dict[str, Any], meta: Dict[str, Any]) -> None:
+    """Refuse chunk json ``path`` unless it says it was written by meta.json's teacher."""
+    meta_path = Path(path).parent / "meta.json"
+    if "fingerprint" not in chunk:
+        raise TeacherCacheError(f"{path}: the chunk does not say which teacher wrote it (no 'fingerprint': "
+                                "written before chunks carried one, or by another tool), so its logits cannot "
+                                f"be matched to {meta_path}: delete the cache folder and export it again "
+                                "(tools/export_teacher.py)")
+    if chunk["fingerprint"] != meta["fingerprint"]:
+        detail = _first_difference(chunk["fingerprint"], meta["fingerprint"], "fingerprint", ("chunk", "meta.json"))
+        raise TeacherCacheError(f"{path}: the chunk was written by another teacher than {meta_path}'s ("
+                                f"{detail}): "
+                                "delete the cache folder and export it again (tools/export_teacher.py)")
+
+
+def read_chunk_json(root: Path, k: int, meta: Dict[str, Any]) -> Dict[str, Any]:
+    """Chunk ``k``'s json, checked against ``meta``: its frames, its teacher, its offsets."""
+    path = Path(f"{chunk_stem(root, k)}.json")
+    try:
+        chunk = read_json(path)
+    except ValueError as e:  # read_json names the file
+        raise TeacherCacheError(str(e)) from e
+    n = len(chunk_frames_of(meta, k))
+    if not isinstance(chunk, dict) or chunk.get("frames") != chunk_frames_of(meta, k):
+        raise TeacherCacheError(f"{path}: its frames do not match chunk {k} of {Path(root) / 'meta.json'}")
+    check_chunk_fingerprint(path, chunk, meta)
+    offsets, sizes = chunk.get("offsets"), chunk.get("num_scan_points")
+    if not (isinstance(offsets, list) and len(offsets) == n + 1 and isinstance(sizes, list) and len(sizes) == n
+            and all(map(_whole, offsets)) and all(_whole(x) and x >= 0 for x in sizes)
+            and offsets[0] == 0 and all(b >= a for a, b in zip(offsets, offsets[1:]))):
+        raise TeacherCacheError(f"{path}: needs 'offsets' ({n + 1} ascending row offsets from 0) and "
+                                f"'num_scan_points' ({n} scan sizes, whole numbers >= 0)")
+    return chunk
 
 
 def complete_chunks(root: Path, meta: Dict[str, Any]) -> List[int]:
@@ -137,19 +228,7 @@ class TeacherCache:
         self.index: Dict[str, FrameRows] = {}
         self._chunk_rows: Dict[int, int] = {}
         for k in range(num_chunks(self.meta)):
-            path = Path(f"{chunk_stem(self.root, k)}.json")
-            try:
-                chunk = read_json(path)
-            except ValueError as e:
-                raise TeacherCacheError(str(e)) from e
-            n = len(chunk_frames_of(self.meta, k))
-            if not isinstance(chunk, dict) or chunk.get("frames") != chunk_frames_of(self.meta, k):
-                raise TeacherCacheError(f"{path}: its frames do not match chunk {k} of {self.root / 'meta.json'}")
-            offsets, sizes = chunk.get("offsets"), chunk.get("num_scan_points")
-            if not (isinstance(offsets, list) and len(offsets) == n + 1 and isinstance(sizes, list) and len(sizes) == n
-                    and offsets[0] == 0 and all(b >= a for a, b in zip(offsets, offsets[1:]))):
-                raise TeacherCacheError(f"{path}: needs 'offsets' ({n + 1} ascending row offsets from 0) and "
-                                        f"'num_scan_points' ({n} scan sizes)")
+            chunk = read_chunk_json(self.root, k, self.meta)
             self._chunk_rows[k] = chunk["offsets"][-1]
             for i, f in enumerate(chunk["frames"]):
                 self.index[f] = FrameRows(k, chunk["offsets"][i], chunk["offsets"][i + 1],
@@ -162,23 +241,46 @@ class TeacherCache:
     def _chunk(self, k: int):
         if k not in self._arrays:
             stem = chunk_stem(self.root, k)
-            logits = np.load(f"{stem}.logits.npy", mmap_mode="r")
-            index = np.load(f"{stem}.point_index.npy", mmap_mode="r")
+            logits = _map(f"{stem}.logits.npy", np.floating)
+            index = _map(f"{stem}.point_index.npy", np.integer)
             total = self._chunk_rows[k]
             if logits.shape != (total, self.num_classes) or index.shape != (total,):
                 raise TeacherCacheError(f"{stem}.logits.npy / .point_index.npy: shapes {logits.shape} / {index.shape}, "
                                         f"{stem.name}.json says {total} rows of {self.num_classes} classes")
-            # rows pair by binary search: each scan's indices must ascend (another writer may not
-            # have sorted them); checked once per chunk and process
-            step = np.diff(np.asarray(index, dtype=np.int64))
-            starts = [self.index[f].start for f in chunk_frames_of(self.meta, k)][1:]
+            # checked once per chunk and process, when it is first mapped (not per step): rows
+            # pair by binary search, so each scan's indices must ascend (another writer may not
+            # have sorted them) and lie within the scan (an index beyond it never matches a
+            # point: KD silently lost on its row); the logits must be finite
+            idx = np.asarray(index, dtype=np.int64)
+            step = np.diff(idx)
+            frames = [self.index[f] for f in chunk_frames_of(self.meta, k)]
+            starts = [w.start for w in frames][1:]
             boundary = np.zeros(len(step), bool)
             boundary[[i - 1 for i in starts if 0 < i <= len(step)]] = True
             if ((step <= 0) & ~boundary).any():
                 raise TeacherCacheError(f"{stem}.point_index.npy: a scan's point indices are not distinct and "
                                         "ascending (the format asks for them sorted)")
+            for f, w in zip(chunk_frames_of(self.meta, k), frames):
+                if w.end > w.start and (idx[w.start] < 0 or idx[w.end - 1] >= w.num_scan_points):
+                    bad = idx[w.start] if idx[w.start] < 0 else idx[w.end - 1]
+                    raise TeacherCacheError(f"{stem}.point_index.npy: frame {f} has point index {bad}, its scan has "
+                                            f"{w.num_scan_points} points ({stem.name}.json): indices must be in "
+                                            f"[0, {w.num_scan_points})")
+            # a float32 sum of float16 rows cannot overflow, and a NaN or inf anywhere makes it
+            # non-finite: one pass, no [R, C] mask unless there is something to report
+            if total and not np.isfinite(logits.sum(dtype=np.float32)):
+                bad = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+                f = next(f for f, w in zip(chunk_frames_of(self.meta, k), frames) if w.start <= bad[0] < w.end)
+                raise TeacherCacheError(f"{stem}.logits.npy: non-finite logits (NaN/inf) in {len(bad)} of {total} "
+                                        f"rows (first: row {bad[0]}, frame {f}): a damaged chunk or a diverged "
+                                        "teacher; export the cache again")
             self._arrays[k] = (index, logits)
         return self._arrays[k]
+
+    def check_chunks(self) -> None:
+        """Map and check every chunk now (what a read does lazily, chunk by chunk)."""
+        for k in range(num_chunks(self.meta)):
+            self._chunk(k)
 
     def rows(self, frame_id: str, num_scan_points: int):
         """(point_index [R] int64, logits [R, C] float16) of ``frame_id``, whose .bin must
@@ -233,12 +335,25 @@ class TeacherCache:
                                         "distiller.teacher_cache elsewhere")
 
 
-def _first_difference(saved: Any, now: Any, key: str) -> str:
+def _map(path: str, kind) -> np.ndarray:
+    """A chunk array, memory-mapped; numpy's complaints about a damaged file name it."""
+    try:
+        a = np.load(path, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:  # mmap length > file size, object arrays, bad header
+        raise TeacherCacheError(f"{path}: not a readable .npy array ({e}): a damaged or truncated chunk; "
+                                "export the cache again") from e
+    if not isinstance(a, np.ndarray) or not np.issubdtype(a.dtype, kind):
+        raise TeacherCacheError(f"{path}: holds {getattr(a, 'dtype', type(a).__name__)}, expected "
+                                f"{'float16 logits' if kind is np.floating else 'integer point indices'}")
+    return a
+
+
+def _first_difference(saved: Any, now: Any, key: str, names=("cached", "now")) -> str:
     if isinstance(saved, dict) and isinstance(now, dict):
         for k in sorted(set(saved) | set(now)):
             if saved.get(k) != now.get(k):
-                return _first_difference(saved.get(k), now.get(k), f"{key}.{k}")
-    return f"{key}: cached {saved!r}, now {now!r}"
+                return _first_difference(saved.get(k), now.get(k), f"{key}.{k}", names)
+    return f"{key}: {names[0]} {_short(saved)}, {names[1]} {_short(now)}"
 
 
 class TeacherCacheDataset(torch.utils.data.Dataset):

@@ -114,8 +114,10 @@ class ShardedBatchSampler(Sampler):
 
 def make_loader(ds, sampler: ShardedBatchSampler, num_workers: int, device: torch.device) -> DataLoader:
     from ...data.kitti.collate import collate_kitti
+    from ...utils.workers import worker_init
+    # workers die with the run: an orphan would keep loading and hold the work folder's lock
     return DataLoader(ds, batch_sampler=sampler, collate_fn=collate_kitti, num_workers=num_workers,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=False, worker_init_fn=worker_init())
 
 
 def to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:

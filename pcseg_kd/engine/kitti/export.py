@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from ...data.kitti import teacher_cache as tc
 from ...registry import DATASETS
 from ...utils.lock import work_dir_lock
+from ...utils.workers import worker_init
 from ..distributed import DistEnv, barrier, broadcast_object
 from .data import to_device
 from .objective import rows_of
@@ -70,8 +71,19 @@ def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[i
     if env.is_main:
         try:
             saved = tc.read_meta(out) if (out / "meta.json").is_file() else None
+            if saved is None:
+                # chunks are written after meta.json: chunks without one came from elsewhere, and
+                # writing this teacher's meta.json over them would make them pass as its own
+                strays = sorted(p.name for p in out.glob("chunk_*") if p.is_file())
+                if strays:
+                    raise tc.TeacherCacheError(
+                        f"{out}: holds {len(strays)} chunk file(s) ({strays[0]}, ...) but no meta.json, so "
+                        "whose logits they are is unknown: delete them (or the folder) to export here, or "
+                        "export elsewhere (--out)")
             if chunk_frames is None:  # finishing an export: its own chunking
                 chunk_frames = saved["chunk_frames"] if saved else 64
+            elif not isinstance(chunk_frames, int) or isinstance(chunk_frames, bool) or chunk_frames < 1:
+                raise ValueError(f"--chunk-frames (chunk_frames) must be a whole number >= 1, got {chunk_frames!r}")
             meta = tc.new_meta([f.frame_id for f in ds.frames], num_classes, ds.class_names, fingerprint,
                                chunk_frames)
             if saved is not None:
@@ -85,6 +97,8 @@ def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[i
                 from ...utils.io import write_json
                 write_json(out / "meta.json", meta)
             done = set(tc.complete_chunks(out, meta))
+            for k in sorted(done):  # kept as done only when this teacher wrote them (names the chunk)
+                tc.read_chunk_json(out, k, meta)
             plan = (meta, [k for k in range(tc.num_chunks(meta)) if k not in done])
         except Exception as e:  # noqa: BLE001 - raised on every rank below
             error = e
@@ -117,8 +131,9 @@ def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, n
         num_workers = max(int(spare), cfg["data"]["num_workers"])
     batch_size = batch_size or cfg["teacher"]["optim"]["batch_size"]
     skip_bad = bool(cfg["data"]["train"].get("skip_bad_frames"))
+    # its workers die with the export: an orphan would hold the work folder's and the cache's locks
     loader = DataLoader(_Scans(ds, indices, skip_bad), batch_size=batch_size, collate_fn=list,
-                        num_workers=num_workers)
+                        num_workers=num_workers, worker_init_fn=worker_init())
     pending = iter(todo)
     k, buffer = None, ([], [], [])  # the chunk being filled: logits, point indices, scan sizes
     startup = None  # until the first batch arrives: worker start-up, the first scan's loading
@@ -140,7 +155,7 @@ def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, n
                 for part, value in zip(buffer, scan):
                     part.append(value)
                 if len(buffer[0]) == len(tc.chunk_frames_of(meta, k)):
-                    tc.write_chunk(out, k, tc.chunk_frames_of(meta, k), *buffer)
+                    tc.write_chunk(out, k, tc.chunk_frames_of(meta, k), *buffer, fingerprint=meta["fingerprint"])
                     rows += sum(len(p) for p in buffer[1])
                     written_bytes += sum(Path(f"{tc.chunk_stem(out, k)}{e}").stat().st_size
                                          for e in (".json", ".logits.npy", ".point_index.npy"))

@@ -16,13 +16,14 @@ from .objective import in_view, rows_of
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: int, ignore_index: int,
-             class_names: List[str], progress: bool = False) -> Dict[str, Any]:
+             class_names: List[str], progress: bool = False, confusion: bool = False) -> Dict[str, Any]:
     """mIoU of ``logits`` over the rows they cover (``all``: every point of the student's
     scans; with the ``fov`` protocol those are the in-view points) and over the in-view
     points (``in_view``: the rows where student and teacher compare). A labelled point
     without a voxel (``out_of_range: drop``) is a miss of its class, as the official tool
     counts the "unlabeled" that a prediction file holds for it. Confusion matrices are
-    summed over ranks."""
+    summed over ranks; ``confusion``: each result also holds its matrix (label rows,
+    prediction columns, the last one the misses) as ``confusion``."""
     from tqdm import tqdm
 
     was_training = model.training
@@ -50,6 +51,8 @@ def evaluate(model: nn.Module, loader: DataLoader, env: DistEnv, num_classes: in
         all_reduce_sum(m.conf, env)
         if m.conf.sum() > 0:
             out[key] = m.compute()
+            if confusion:
+                out[key]["confusion"] = m.conf.tolist()
     skipped = gather_lists(skipped, env)
     if skipped:  # bad frames that skip_bad_frames replaced: scored nowhere, said here
         for key in out:

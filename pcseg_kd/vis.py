@@ -75,10 +75,12 @@ def render_scan(points: np.ndarray, panels: Dict[str, np.ndarray], colors_rgb: n
     grey = grey_meaning(panels, len(class_names))
     if grey:
         handles.append(Patch(color=GREY, label=grey))
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 7) or 1, fontsize=8, frameon=False)
+    ncol = max(min(len(handles), 7 if cols == 2 else 3), 1)  # a one-column figure is narrow
+    fig.legend(handles=handles, loc="lower center", ncol=ncol, fontsize=8, frameon=False)
     if title:
         fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    rows = -(-len(handles) // ncol)
+    fig.tight_layout(rect=(0, min(0.02 + 0.12 * rows / (5.5 * len(panels)) * 1.6, 0.3), 1, 0.97))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=dpi)
@@ -93,8 +95,7 @@ def grey_meaning(panels: Dict[str, np.ndarray], num_classes: int) -> str:
     for name, ids in panels.items():
         ids = np.asarray(ids)
         if ((ids < 0) | (ids >= num_classes)).any():
-            parts.append(f"unlabelled ({name})" if name == "labels" else
-                         f"not predicted, raw 0 ({name}: out of view under fov, or no voxel)")
+            parts.append(f"unlabelled ({name})" if name == "labels" else f"not predicted, raw 0 ({name})")
     return "grey: " + "; ".join(dict.fromkeys(parts)) if parts else ""
 
 

@@ -233,3 +233,14 @@ def test_dangling_symlink_work_dir_is_a_usage_error(tmp_path, capsys):
         assert expected in capsys.readouterr().err
     (tmp_path / "gone").mkdir()  # the link resolves now: accepted
     assert parse_args("x", ["cfg.yaml", "--work-dir", str(link)]).work_dir == str(link)
+
+
+@pytest.mark.parametrize("distiller, expected", [
+    ("{_delete_: true, type: rkd, distance_weight: -1}", "distiller: distance_weight must be a number >= 0"),
+    ("{_delete_: true, type: rkd, eps: 0}", "distiller: eps must be > 0"),
+    ("{_delete_: true, type: crd, momentum: 1.5}", "distiller: momentum must be in [0, 1), got 1.5"),
+    ("{_delete_: true, type: crd, temperature: -0.07}", "distiller: temperature must be > 0"),
+    ("{_delete_: true, type: pkt, eps: -1}", "distiller: eps must be > 0"),
+])
+def test_feature_distiller_ranges(distiller, expected):
+    assert expected in config_error(load_experiment, str(ROOT / "configs/gauss/kd.yaml"), [f"distiller={distiller}"])

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ...registry import DISTILLERS
-from ..base import Distiller
+from ..base import Distiller, check_number
 from .common import BatchedLinear, compute_dtype, masked_mean_rows, require_feature, row_weights
 
 
@@ -101,6 +101,10 @@ class CRD(Distiller):
         super().__init__(kd_weight=kd_weight, **base)
         if num_negatives < 1 or feat_dim < 1:
             raise ValueError(f"crd needs num_negatives >= 1 and feat_dim >= 1, got {num_negatives}, {feat_dim}")
+        check_number("temperature", temperature, strict=True)
+        check_number("eps", eps, strict=True)
+        if not (math.isfinite(momentum) and 0 <= momentum < 1):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
         self.feat_dim, self.num_negatives = feat_dim, num_negatives
         self.temperature, self.momentum, self.eps, self.seed = temperature, momentum, eps, seed
         self.embed_s: Optional[BatchedLinear] = None

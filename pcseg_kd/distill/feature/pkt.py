@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ...registry import DISTILLERS
-from ..base import Distiller
+from ..base import Distiller, check_number
 from .common import compute_dtype, require_feature, row_weights
 
 
@@ -47,6 +47,7 @@ class PKT(Distiller):
 
     def __init__(self, eps: float = 1e-7, kd_weight: float = 30000.0, **base: Any):
         super().__init__(kd_weight=kd_weight, **base)
+        check_number("eps", eps, strict=True)
         self.eps = eps
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,

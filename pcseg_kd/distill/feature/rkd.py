@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ...registry import DISTILLERS
-from ..base import Distiller
+from ..base import Distiller, check_number
 from .common import compute_dtype, require_feature, row_weights
 
 #: target size (elements) of one anchor chunk's temporaries ([S, chunk, N, max(N, D)])
@@ -188,6 +188,9 @@ class RKD(Distiller):
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, squared: bool = False,
                  eps: float = 1e-12, **base: Any):
         super().__init__(**base)
+        for name, value in (("distance_weight", distance_weight), ("angle_weight", angle_weight)):
+            check_number(name, value)
+        check_number("eps", eps, strict=True)
         self.distance_weight, self.angle_weight = distance_weight, angle_weight
         self.squared, self.eps = squared, eps
 

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ...registry import DISTILLERS
-from ..base import Distiller
+from ..base import Distiller, check_number
 from .common import compute_dtype, require_feature, row_weights
 
 
@@ -43,6 +43,7 @@ class SP(Distiller):
 
     def __init__(self, eps: float = 1e-12, kd_weight: float = 3000.0, **base: Any):
         super().__init__(kd_weight=kd_weight, **base)
+        check_number("eps", eps, strict=True)
         self.eps = eps
 
     def kd_term(self, student_logits: Tensor, teacher_logits: Tensor, target: Tensor,

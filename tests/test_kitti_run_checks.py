@@ -89,7 +89,8 @@ def test_resuming_under_another_thread_count_is_refused(data_root, tmp_path, mon
 
     cfg = load_kitti_experiment(QUICK, overrides(data_root, stages="[teacher]", threads=1))
     real = kitti.write_stage_metrics
-    monkeypatch.setattr(kitti, "save_checkpoint", _dies_on_final(kitti.save_checkpoint))
+    from pcseg_kd.engine.kitti import runner
+    monkeypatch.setattr(runner, "save_checkpoint", _dies_on_final(runner.save_checkpoint))
     with pytest.raises(KeyboardInterrupt):
         kitti.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
     monkeypatch.undo()

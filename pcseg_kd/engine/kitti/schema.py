@@ -11,6 +11,7 @@ says which points the student sees: ``fov`` (the authors': in-view points only) 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -80,6 +81,9 @@ class StageConfig:
     optim: KittiOptimConfig = field(default_factory=KittiOptimConfig)
     loss: SegLossConfig = field(default_factory=SegLossConfig)
     loss_weights: Dict[str, float] = field(default_factory=dict)  # teacher: head name -> loss weight
+    # start from these weights (a final.pt / best.pt / last.pt, or a bare state_dict) instead of
+    # the initialisation: fine-tuning; its path and a digest of its weights join the fingerprint
+    load_from: Optional[str] = None
 
 
 @dataclass
@@ -108,6 +112,8 @@ class KittiExperimentConfig:
     log_interval: int = 20          # steps between logged losses (the only host syncs of a step)
     checkpoint_interval: int = 0    # steps between mid-epoch checkpoints; 0 = at the end of each epoch only
     tensorboard: bool = False       # also write the logged losses and validations as TensorBoard events (WORK/<stage>/tb)
+    # also log to Weights & Biases: {project, entity, mode (online | offline | disabled), name, tags}
+    wandb: Optional[Dict[str, Any]] = None
     seed: int = 0
     device: str = "auto"            # "auto" | "cuda" | "cpu"
     threads: int = 0                # torch intra-op threads; 0 = torch default
@@ -301,5 +307,14 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     if out["tensorboard"]:
         from ..loggers import check_tensorboard
         checks.append(("tensorboard", check_tensorboard))
+    if out.get("wandb"):
+        from ..loggers import check_wandb_settings
+        checks.append(("wandb", lambda: check_wandb_settings(out["wandb"])))
+    for section in ("teacher", "student"):
+        if out[section].get("load_from"):
+            def exists(path=out[section]["load_from"]):
+                if not Path(path).is_file():
+                    raise FileNotFoundError(f"{path} does not exist")
+            checks.append((f"{section}.load_from", exists))
     run_checks(checks, prov)
     return out

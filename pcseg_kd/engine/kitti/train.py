@@ -13,30 +13,30 @@ What each stage minimises is in :mod:`.objective`; validation in :mod:`.evaluate
 from __future__ import annotations
 
 import json
-import math
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from ...utils.io import write_json
 from ...registry import DATASETS, DISTILLERS, MODELS
-from ..checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from ..checkpoint import load_checkpoint, rng_state
 from ...data.kitti.teacher_cache import (TeacherCache, TeacherCacheDataset, TeacherCacheError, complete_chunks,
                                          num_chunks, read_meta)
-from ..distributed import DistEnv, all_reduce_sum, barrier, broadcast_module, broadcast_object
-from ..loggers import StageLogger
+from ..distributed import DistEnv, all_reduce_sum, broadcast_module, broadcast_object
+from ..hook import Hook
+from ..loggers import build_loggers
 from ..sync_bn import convert_sync_batchnorm
 from .data import ShardedBatchSampler, generate_synthetic_if_missing, make_loader, to_device  # noqa: F401
-from .evaluate import evaluate
+from .evaluate import evaluate  # noqa: F401  (importable from here, as before the runner split)
 from .export import export_teacher
 from .teacher import (ResumeMismatch, cache_fingerprint, load_frozen, load_teacher, load_weights,  # noqa: F401
                       teacher_fingerprint, teacher_source, teacher_weights_path, without_engine_keys, without_pretrained)
-from .objective import SegLoss, rows_of, student_loss, teacher_loss
+from .objective import SegLoss, rows_of  # noqa: F401
+from .runner import (StageRunner, check_fingerprint, model_section, omega_counts_over_ranks,  # noqa: F401
+                     val_record, write_stage_metrics)
 
 
 # ----------------------------------------------------------------------------- optimisation
@@ -81,6 +81,8 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
           "world_size": env.world_size, "steps_per_epoch": steps}
     if cfg.get("sync_bn") and env.distributed:  # only where it acts: older checkpoints still resume
         fp["sync_bn"] = True
+    if section.get("load_from"):  # only where set: checkpoints written before the key still resume
+        fp["load_from"] = file_identity(Path(section["load_from"]))
     if stage == "teacher":
         fp["loss_weights"] = cfg["teacher"].get("loss_weights") or {}
     else:
@@ -97,11 +99,6 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
     return fp
 
 
-def model_section(stage: str) -> str:
-    """The config section a stage trains: the baseline is the student without KD."""
-    return "teacher" if stage == "teacher" else "student"
-
-
 def stage_distiller_cfg(stage: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The student's distiller; the baseline keeps its segmentation weight and drops KD."""
     if stage == "baseline":
@@ -109,33 +106,24 @@ def stage_distiller_cfg(stage: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     return cfg["distiller"]
 
 
-def check_fingerprint(path: Path, saved: Optional[Dict[str, Any]], now: Dict[str, Any],
-                      ignore: tuple = ()) -> None:
-    if saved is None:
-        return  # written by an older version: nothing to compare
-    diff = sorted(k for k in set(saved) | set(now) if k not in ignore and saved.get(k) != now.get(k))
-    if diff:
-        raise ResumeMismatch(f"{path} was written with different settings ({', '.join(diff)} changed): "
-                             f"delete {path.parent} to train this stage again, or use another --work-dir")
-
-
 def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds,
                 progress: bool = True, class_weights: Optional[Dict[str, Tensor]] = None,
-                on_step: Optional[Callable[[int], None]] = None) -> StageResult:
-    """``class_weights``: {section: [C] weights} for sections whose loss asks for them;
-    ``on_step(global_step)`` is called after every optimiser step (benchmarks time steps
-    with it)."""
-    from tqdm import tqdm
+                on_step: Optional[Callable[[int], None]] = None, hooks: Sequence[Hook] = ()) -> StageResult:
+    """Train one stage (or reuse its ``final.pt``): build its state, resume it from
+    ``last.pt``, and run :class:`.runner.StageRunner` with the stage's hooks.
 
-    scfg, o = cfg[model_section(stage)], cfg[model_section(stage)]["optim"]
+    ``class_weights``: {section: [C] weights} for sections whose loss asks for them;
+    ``on_step(global_step)`` is called after every optimiser step (benchmarks time steps
+    with it); ``hooks``: extra :class:`pcseg_kd.engine.hook.Hook` s."""
     from .schema import KittiOptimConfig
-    o = KittiOptimConfig(**o)
+
+    scfg = cfg[model_section(stage)]
+    o = KittiOptimConfig(**scfg["optim"])
     stage_dir = work_dir / stage
     final = stage_dir / "final.pt"
     device = env.device
     use_amp = o.amp and device.type == "cuda"
-    train_sampler = ShardedBatchSampler(len(train_ds), o.batch_size, True, cfg["seed"], env, drop_last=True)
-    steps = train_sampler.full_length()
+    steps = ShardedBatchSampler(len(train_ds), o.batch_size, True, cfg["seed"], env, drop_last=True).full_length()
     if o.max_steps_per_epoch:
         steps = min(steps, o.max_steps_per_epoch)
     if steps < 1:
@@ -145,6 +133,10 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if stage != "teacher":
         distiller = DISTILLERS.build({**without_engine_keys(stage_distiller_cfg(stage, cfg)),
                                       "ignore_index": train_ds.ignore_index})
+        warmup = stage_distiller_cfg(stage, cfg).get("warmup_epochs") or 0
+        if distiller.has_kd and warmup > o.epochs and env.is_main:
+            print(f"[{stage}] warning: distiller.warmup_epochs ({warmup}) is longer than training "
+                  f"({o.epochs} epochs): the KD term never reaches its full weight", flush=True)
     loss_cfg = scfg.get("loss") or {}
     seg = SegLoss(ce=loss_cfg.get("ce", 1.0), lovasz=loss_cfg.get("lovasz", 0.0),
                   class_weights=(class_weights or {}).get(model_section(stage)),
@@ -172,11 +164,12 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     torch.manual_seed(cfg["seed"])  # the same initialisation on every rank
 
     model = MODELS.build(scfg["model"]).to(device)
+    if scfg.get("load_from"):  # fine-tuning: start from trained weights instead of the initialisation
+        load_start_weights(model, Path(scfg["load_from"]), f"{model_section(stage)}.load_from")
     if cfg.get("sync_bn") and env.distributed:
         # BatchNorm statistics over the global batch (spconv's BatchNorm1d too: over every
         # rank's active voxels); before the optimiser and DDP, which keep the same tensors
         model = convert_sync_batchnorm(model)
-    rows = rows_of(model)
     teacher = None
     if distiller is not None:
         if cached_kd:  # the teacher's rows come with each sample: no teacher in the step
@@ -187,160 +180,79 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             distiller.build_modules(model.out_channels, teacher.out_channels)
         distiller.to(device)
         broadcast_module(distiller, env)  # outside DDP: start every rank from rank 0's regressors
-        if hasattr(distiller, "track_omega") and distiller.has_kd:
-            distiller.track_omega()  # PSSM's Ω shares per epoch (docs/results_kitti.md)
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     opt = build_optimizer(params, o, device)
-    sched = build_scheduler(opt, o, steps)
-    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    history: List[Dict[str, Any]] = []
-    omega_history: List[Dict[str, Any]] = []  # per epoch: shares of the distilled rows with Ω = 1 / 0 / between
-
-    start_epoch, start_step, global_step = 1, 0, 0
-    pending: Optional[int] = None  # an epoch whose validation a kill interrupted
-    last = stage_dir / "last.pt"
-    if last.is_file():
-        state = load_checkpoint(last)  # on the CPU: RNG states must stay CPU tensors
-        check_fingerprint(last, state.get("fingerprint"), fingerprint)
-        load_weights(model, state["model"], last)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if distiller is not None and state.get("distiller"):
-            distiller.load_state_dict(state["distiller"])
-        start_epoch, start_step, global_step = state["epoch"], state["step_in_epoch"], state["global_step"]
-        history = list(state.get("history", []))
-        omega_history = list(state.get("omega_history", []))
-        if env.is_main and distiller is not None and state.get("omega_counts") is not None:
-            # the epoch's counts so far, summed over ranks when saved: rank 0 carries them
-            distiller.omega_counts = state["omega_counts"].to(device)
-        pending = state.get("pending_validation")
-        set_rng_state(state["rng"][env.rank] if env.rank < len(state["rng"]) else None)
-        if env.is_main:
-            print(f"[{stage}] resuming from {last}: epoch {start_epoch}, step {start_step}", flush=True)
-    ddp = model
-    if env.distributed:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def checkpoint(epoch: int, step_in_epoch: int, pending_validation: Optional[int] = None) -> None:
-        rngs = _gather_rng(env)
-        omega_counts = omega_counts_over_ranks(distiller, env)
-        if env.is_main:
-            save_checkpoint(last, {"model": model.state_dict(), "optimizer": opt.state_dict(),
-                                   "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-                                   "distiller": distiller.state_dict() if distiller is not None else None,
-                                   "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-                                   "rng": rngs, "model_cfg": scfg["model"], "fingerprint": fingerprint,
-                                   "history": history, "pending_validation": pending_validation,
-                                   "omega_history": omega_history,
-                                   "omega_counts": omega_counts})
-        barrier(env)
-
-    val_loader = None
-    if val_ds is not None:
-        val_sampler = ShardedBatchSampler(len(val_ds), o.batch_size, False, cfg["seed"], env, drop_last=False)
-        val_loader = make_loader(val_ds, val_sampler, cfg["data"]["num_workers"], device)
-    logger = StageLogger(stage_dir, env, cfg.get("tensorboard", False), resume_step=global_step)
-    log_path = logger.path
-    metrics: Dict[str, Any] = {}
-
-    def validate(epoch: int, seconds: float, log: bool = True) -> None:
-        """Score, record in the history (replacing a record of the same epoch), checkpoint."""
-        nonlocal metrics, history
-        metrics = evaluate(model, val_loader, env, model.num_classes, val_ds.ignore_index,
-                           val_ds.class_names, progress)
-        record = val_record(epoch, metrics, seconds, global_step)
-        history = [h for h in history if h.get("epoch") != epoch] + [record]
-        if log:
-            logger.log(record, global_step)
-        checkpoint(epoch + 1, 0)  # with this validation in its history, none pending
-        if env.is_main:
-            print(f"[{stage}] epoch {epoch}: " + ", ".join(f"val mIoU ({k}) {v['miou']:.2f}"
-                                                          for k, v in metrics.items()), flush=True)
-
-    if pending is not None and val_loader is not None:  # killed inside that validation: redo it
-        validate(pending, 0.0)
-    ddp.train()
-    for epoch in range(start_epoch, o.epochs + 1):
-        first = start_step if epoch == start_epoch else 0
-        train_ds.set_epoch(epoch)
-        train_sampler.set_epoch(epoch, first)
-        loader = make_loader(train_ds, train_sampler, cfg["data"]["num_workers"], device)
-        bar = tqdm(total=steps, initial=first, desc=f"[{stage}] epoch {epoch}/{o.epochs}",
-                   disable=not (progress and env.is_main and sys.stderr.isatty()), dynamic_ncols=True)
-        t0 = time.perf_counter()
-        for step_in_epoch, batch in enumerate(loader, start=first + 1):
-            if step_in_epoch > steps:
-                break
-            batch = to_device(batch, device)
-            with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
-                out = ddp(batch)
-                if stage == "teacher":
-                    losses = teacher_loss(model, out, batch, scfg.get("loss_weights") or {}, seg)
-                else:
-                    with torch.no_grad():
-                        t_out = teacher(batch) if teacher is not None else None
-                    losses = student_loss(distiller, seg, out, t_out, rows, rows_of(teacher) if teacher else rows,
-                                          batch, epoch)
-            loss = sum(losses.values())
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if distiller is not None and env.distributed:
-                _average_grads(distiller, env)  # its own parameters (feature distillers) are outside DDP
-            if o.grad_clip:
-                scaler.unscale_(opt)
-                torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-            scaler.step(opt)
-            scaler.update()
-            sched.step()
-            global_step += 1
-            bar.update(1)
-            if on_step is not None:
-                on_step(global_step)
-            if global_step % cfg["log_interval"] == 0 or step_in_epoch == steps:
-                # averaged over ranks, so every rank sees the same values (and stops together
-                # on a non-finite loss instead of leaving the others in a collective)
-                stacked = all_reduce_sum(torch.stack([v.detach().float() for v in losses.values()]), env)
-                values = dict(zip(losses, (stacked / env.world_size).tolist()))  # the step's only host sync
-                record = {"epoch": epoch, "step": step_in_epoch, "global_step": global_step,
-                          "lr": sched.get_last_lr()[0], **values}
-                logger.log(record, global_step)
-                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()})
-                if not all(math.isfinite(v) for v in values.values()):
-                    raise FloatingPointError(f"[{stage}] non-finite loss at epoch {epoch} step {step_in_epoch}: "
-                                             f"{values} (see {log_path})")
-            if cfg["checkpoint_interval"] and global_step % cfg["checkpoint_interval"] == 0 and step_in_epoch < steps:
-                # never save weights a non-finite loss has already touched (one host sync per checkpoint)
-                finite = all_reduce_sum(torch.isfinite(loss.detach()).float().reshape(1), env)
-                if float(finite) < env.world_size:
-                    raise FloatingPointError(f"[{stage}] non-finite loss at epoch {epoch} step {step_in_epoch}; "
-                                             f"not checkpointing it (see {log_path})")
-                checkpoint(epoch, step_in_epoch)
-        bar.close()
-        if getattr(distiller, "tracking_omega", False):
-            distiller.omega_counts = omega_counts_over_ranks(distiller, env)
-            shares = distiller.pop_omega_shares()  # one host sync per epoch
-            if shares is not None:
-                omega_history = [h for h in omega_history if h["epoch"] != epoch] + [{"epoch": epoch, **shares}]
-        if progress and env.is_main and not sys.stderr.isatty():  # a log file: one line per epoch, no \r frames
-            print(f"[{stage}] epoch {epoch}/{o.epochs}: {time.perf_counter() - t0:.1f} s", flush=True)
-        due = val_loader is not None and (epoch % cfg["eval_interval"] == 0 or epoch == o.epochs)
-        # a kill inside the validation below leaves it pending: the rerun does it first
-        checkpoint(epoch + 1, 0, pending_validation=epoch if due else None)
-        if due:
-            validate(epoch, time.perf_counter() - t0)
-    if val_loader is not None and not metrics:  # resumed after the last validation, before final.pt
-        # the same weights as when it was recorded: score again (the per-class figures are not
-        # kept in the history) without logging the record a second time
-        validate(o.epochs, 0.0, log=not any(h.get("epoch") == o.epochs for h in history))
+    runner = StageRunner(stage, cfg, env, stage_dir, model=model, optim_cfg=o, opt=opt,
+                         sched=build_scheduler(opt, o, steps), scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
+                         params=params, seg=seg, distiller=distiller, teacher=teacher, train_ds=train_ds,
+                         val_ds=val_ds, steps=steps, fingerprint=fingerprint, progress=progress)
+    runner.hooks = default_hooks(runner, on_step) + list(hooks)
+    runner.hooks.sort(key=lambda h: h.priority)
+    runner.restore()  # from last.pt, when a killed run left one
     if env.is_main:
-        save_checkpoint(final, {"model": model.state_dict(), "model_cfg": scfg["model"], "metrics": metrics,
-                                "config": cfg, "fingerprint": fingerprint, "history": history,
-                                "omega_history": omega_history})
-        write_stage_metrics(stage_dir, metrics, history, omega_history)
-    logger.close()
-    barrier(env)
+        print(start_banner(runner, cached_kd, work_dir), flush=True)
+    metrics = runner.run()
     return StageResult(metrics, final)
+
+
+def default_hooks(runner: StageRunner, on_step: Optional[Callable[[int], None]] = None) -> List[Hook]:
+    """What every stage does besides stepping: loggers, progress, logged losses, epoch means,
+    Ω statistics, checkpoints, validation and ``best.pt``."""
+    from . import hooks as H
+
+    cfg = runner.cfg
+    evaluation = H.EvalHook(cfg["eval_interval"])
+    out: List[Hook] = build_loggers(cfg, runner.stage_dir, runner.env.is_main, runner.stage)
+    out += [H.ProgressHook(), H.LossLogHook(cfg["log_interval"]), H.EpochLossHook(runner.env),
+            H.OmegaStatsHook(runner), H.CheckpointHook(cfg["checkpoint_interval"], lambda e: evaluation.due(runner, e)),
+            evaluation, H.BestCheckpointHook()]
+    if on_step is not None:
+        out.append(H.StepCallbackHook(on_step))
+    return out
+
+
+def start_banner(r: StageRunner, cached_kd: bool, work_dir: Path) -> str:
+    """What a run is doing, in its log's first lines: device, processes, batches, AMP, data."""
+    env, o = r.env, r.optim_cfg
+    backend = torch.distributed.get_backend() if env.distributed else "none"
+    params = sum(p.numel() for p in r.model.parameters())
+    lines = [f"[{r.stage}] {type(r.model).__name__} ({params / 1e6:.2f} M parameters) on {env.device}, "
+             f"{env.world_size} process(es) (backend {backend}), {torch.get_num_threads()} thread(s) each",
+             f"[{r.stage}] batch {o.batch_size} scans per process, {o.batch_size * env.world_size} global; "
+             f"AMP {'on' if r.use_amp else 'off'}; {o.optimizer} lr {o.lr:g}, {o.schedule} schedule",
+             f"[{r.stage}] {len(r.train_ds)} training scans ({r.steps} steps per epoch x {o.epochs} epochs), "
+             + (f"{len(r.val_ds)} validation scans" if r.val_ds is not None else "no validation")
+             + f", protocol {r.cfg['protocol']}"]
+    if r.distiller is not None:
+        kd = r.cfg["distiller"].get("type") if r.stage == "student" else "none"
+        source = ""
+        if r.distiller.has_kd:
+            source = f", teacher from {'the cache ' + str(teacher_source(r.cfg, work_dir)[1]) if cached_kd else 'its weights, every step'}"
+        lines.append(f"[{r.stage}] distiller {kd}{source}")
+    if r.cfg_section.get("load_from"):
+        lines.append(f"[{r.stage}] initialised from {r.cfg_section['load_from']}")
+    return "\n".join(lines)
+
+
+def file_identity(path: Path) -> Dict[str, Any]:
+    """A file's resolved path and the SHA-256 of its bytes."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return {"path": str(path.resolve()), "sha256": h.hexdigest()}
+
+
+def load_start_weights(model: nn.Module, path: Path, key: str) -> None:
+    """``load_from``: a stage's final.pt / best.pt / last.pt, or a bare state_dict of the model."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: {path} does not exist")
+    state = load_checkpoint(path)
+    weights = state.get("model", state)
+    if not isinstance(weights, dict) or not all(torch.is_tensor(v) for v in weights.values()):
+        raise ValueError(f"{key}: {path} is neither a pcseg_kd checkpoint nor a state_dict")
+    load_weights(model, weights, path)
 
 
 def ensure_teacher_cache(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, train_ds,
@@ -367,48 +279,6 @@ def ensure_teacher_cache(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, trai
     cache = TeacherCache(path)
     cache.check_run(train_ds.frames, train_ds.num_classes, train_ds.class_names, expected)
     return cache
-
-
-def write_stage_metrics(stage_dir: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]],
-                        omega_history: Optional[List[Dict[str, Any]]] = None) -> None:
-    out = {"final": metrics, "history": history}
-    if omega_history:  # PSSM students: the shares of distilled rows with Ω = 1 / 0 / between, per epoch
-        out["omega"] = omega_history
-    write_json(stage_dir / "metrics.json", out)  # NaN -> null
-
-
-def val_record(epoch: int, metrics: Dict[str, Any], seconds: float, global_step: int) -> Dict[str, Any]:
-    return {"epoch": epoch, "global_step": global_step, "val": {k: {"miou": v["miou"], "miou_present": v["miou_present"],
-                                        "accuracy": v["accuracy"], "points": v["points"]}
-                                    for k, v in metrics.items()}, "seconds": seconds}
-
-
-def omega_counts_over_ranks(distiller, env: DistEnv) -> Optional[Tensor]:
-    """A PSSM distiller's Ω counts summed over ranks (a copy; every rank must call this), or
-    None when it does not track them."""
-    if not getattr(distiller, "tracking_omega", False):
-        return None
-    counts = distiller.omega_counts
-    if counts is None:
-        counts = torch.zeros(3, dtype=torch.int64, device=env.device)
-    return all_reduce_sum(counts.clone(), env)
-
-
-def _average_grads(module: nn.Module, env: DistEnv) -> None:
-    for p in module.parameters():
-        if p.grad is not None:
-            all_reduce_sum(p.grad, env).div_(env.world_size)
-
-
-def _gather_rng(env: DistEnv) -> List[Dict[str, Any]]:
-    """Every rank's RNG state, for rank 0 to save (each rank resumes with its own)."""
-    state = rng_state()
-    if not env.distributed:
-        return [state]
-    import torch.distributed as dist
-    out: List[Any] = [None] * env.world_size
-    dist.all_gather_object(out, state)
-    return out
 
 
 def check_batches(cfg: Dict[str, Any], scans: int, env: DistEnv) -> None:
@@ -466,7 +336,8 @@ def summarize(cfg: Dict[str, Any], results: Dict[str, Dict[str, Any]]) -> Dict[s
     summary: Dict[str, Any] = {"protocol": cfg["protocol"], "distiller": cfg["distiller"].get("type")}
     for stage, metrics in results.items():
         keys = ("in_view",) if stage == "teacher" else ("in_view", "all")
-        summary[stage] = {k: {"miou": metrics[k]["miou"], "iou": metrics[k]["iou"], "points": metrics[k]["points"]}
+        summary[stage] = {k: {"miou": metrics[k]["miou"], "miou_present": metrics[k].get("miou_present"),
+                              "iou": metrics[k]["iou"], "points": metrics[k]["points"]}
                           for k in keys if k in metrics}
     return summary
 
@@ -482,6 +353,9 @@ def comparison_lines(summary: Dict[str, Any]) -> List[str]:
         if stage not in summary:
             continue
         line = f"{names[stage]:<24} mIoU in view {fmt(stage, 'in_view')}"
+        present = summary[stage].get("in_view", {}).get("miou_present")
+        if present is not None:  # classes absent from these rows count 0 in the mIoU above
+            line += f" ({present:5.2f} over present classes)"
         if stage != "teacher":
             line += f"   all {fmt(stage, 'all')}"
         if stage == "student" and "baseline" in summary:
@@ -489,6 +363,9 @@ def comparison_lines(summary: Dict[str, Any]) -> List[str]:
                      for k in ("in_view", "all") if k in summary["student"] and k in summary["baseline"]]
             line += f"   vs baseline: {', '.join(gains)}"
         lines.append(line)
+    if "student" in summary and "baseline" in summary:
+        lines.append("one seed decides nothing: the seed spread is as large as the effects studied; compare >= 5 seeds "
+                     "with tools/kitti_compare.py (paired 95 % interval)")
     return lines
 
 

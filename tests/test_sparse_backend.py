@@ -125,6 +125,17 @@ def test_spconv_triton_forward_on_cpu_names_the_key():
         m(batch_of(scene(n=500)[0]))
 
 
+def test_cuda_input_under_a_cpu_only_spconv_names_the_key(monkeypatch):
+    from types import SimpleNamespace
+    on_cuda = SimpleNamespace(is_cuda=True, device="cuda:0")  # only .is_cuda and .device are read
+    monkeypatch.setattr(B, "spconv_has_cuda", lambda: False)
+    with pytest.raises(RuntimeError, match=r"CPU-only build.*backend: spconv_triton or auto \(student\.model"):
+        B.check_input_device("spconv", on_cuda)
+    B.check_input_device("spconv_triton", on_cuda)
+    monkeypatch.setattr(B, "spconv_has_cuda", lambda: True)
+    B.check_input_device("spconv", on_cuda)
+
+
 # ---- checkpoint compatibility -------------------------------------------------------------------
 
 @pytest.mark.parametrize("build", [spunet, fusion], ids=["spunet", "fusion_teacher"])

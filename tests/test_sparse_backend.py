@@ -89,6 +89,15 @@ def test_auto_follows_the_device_and_spconvs_build(monkeypatch):
         B.resolve_backend("spconv_triton", key="teacher.model.point.backend")
 
 
+def test_broken_install_names_the_key(monkeypatch):
+    def broken(_):
+        raise ImportError("triton 2.0 does not fit torch 2.13")
+    monkeypatch.setattr(B, "_package", broken)
+    with pytest.raises(ImportError, match=r"student\.model\.backend: spconv_triton is installed but cannot be "
+                                          r"imported: triton 2\.0"):
+        B.sparse_backend("spconv_triton", key="student.model.backend")
+
+
 def test_missing_spconv_names_the_key_and_the_alternative(monkeypatch):
     monkeypatch.setattr(B, "HAVE_SPCONV", False)
     import pcseg_kd.models.sparse.spconv_compat as compat

@@ -32,8 +32,9 @@ KEY_HINT = "student.model.backend, or teacher.model.point.backend for the fusion
 __all__ = ["BACKENDS", "HAVE_SPCONV_TRITON", "any_sparse_backend", "spconv_has_cuda", "resolve_backend",
            "sparse_backend", "check_input_device"]
 
-# find_spec, not import: importing spconv_triton imports triton (seconds), paid only when chosen
-HAVE_SPCONV_TRITON: bool = importlib.util.find_spec("spconv_triton") is not None
+# find_spec, not import: importing spconv_triton imports triton (seconds), paid only when chosen.
+# It does not declare triton (torch's CUDA wheels bring it): without it the import would fail.
+HAVE_SPCONV_TRITON: bool = all(importlib.util.find_spec(m) is not None for m in ("spconv_triton", "triton"))
 
 
 def any_sparse_backend() -> bool:
@@ -74,8 +75,8 @@ def resolve_backend(name: str, device: Optional[Union[str, torch.device]] = None
                     if HAVE_SPCONV_TRITON else "")
             raise ImportError(f"{e}{hint}") from e.__cause__
     if name == "spconv_triton" and not HAVE_SPCONV_TRITON:
-        raise ImportError(f"{key}: spconv_triton: the package spconv-triton is not installed "
-                          "(`pip install 'pcseg_kd[gpu]'` or `pip install spconv-triton`)")
+        raise ImportError(f"{key}: spconv_triton: the package spconv-triton (or triton) is not installed "
+                          "(`pip install 'pcseg_kd[gpu]'`, i.e. spconv-triton and triton)")
     return name
 
 
@@ -92,7 +93,11 @@ def _package(resolved: str) -> ModuleType:
 def sparse_backend(name: str, device: Optional[Union[str, torch.device]] = None,
                    key: str = "backend") -> ModuleType:
     """The ``spconv.pytorch``-like module for a configured backend (see :func:`resolve_backend`)."""
-    return _package(resolve_backend(name, device, key))
+    resolved = resolve_backend(name, device, key)
+    try:
+        return _package(resolved)
+    except ImportError as e:  # installed but broken (e.g. a triton that does not fit this torch)
+        raise ImportError(f"{key}: {resolved} is installed but cannot be imported: {e}") from e
 
 
 def check_input_device(resolved: str, features: torch.Tensor) -> None:

@@ -11,7 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from kitti_common import QUICK, ROOT, needs_spconv, tiny_overrides, tiny_root
+from kitti_common import QUICK, ROOT, needs_spconv, tiny_overrides
 
 pytestmark = needs_spconv
 

@@ -76,5 +76,7 @@ def test_all_present_has_no_present_clause_and_no_row_set_is_an_error():
     m.update(torch.tensor([0, 1]), torch.tensor([0, 1]))
     line = summary_line("all", m.compute(), ["a", "b"])
     assert line == "all: mIoU 100.00 over 2 classes"
+    assert "n/a:" not in iou_table({"all": m.compute()})  # the note only where a class is n/a
+    assert iou_table(_metrics(), NAMES).splitlines()[-1].startswith("n/a: a class in neither the labels nor")
     with pytest.raises(ValueError, match="no row set"):
         iou_table({"scans": 3}, ["a"])

@@ -93,4 +93,7 @@ def iou_table(metrics: Mapping[str, Any], class_names: Optional[List[str]] = Non
     rule = "-" * len(fmt(rows[0]))
     lines = [fmt(rows[0]), rule] + [fmt(r) for r in rows[1:]] + [rule] + [fmt(r) for r in footer]
     lines += [summary_line(k, v, class_names) for k, v in sets.items()]
+    if any(s["present"] < s["classes"] for s in summaries.values()):
+        lines.append(f"{NA}: a class in neither the labels nor the predictions (counted 0 in mIoU over all "
+                     "classes, as semantic-kitti-api does; left out of mIoU over the present ones)")
     return "\n".join(lines)

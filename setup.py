@@ -29,7 +29,10 @@ setup(
         "gpu": ["spconv-triton>=1.0", "triton>=3.0"],
         "vis": ["open3d>=0.17"],
         "tensorboard": ["tensorboard>=2.10"],
+        "wandb": ["wandb>=0.17"],  # wandb: {project: ...} in a KITTI config (engine/loggers.py)
         # spconv-triton: tests/test_sparse_backend.py builds and cross-loads models with it on CPU
-        "test": ["pytest>=7", "triton>=3.0", "spconv>=2.3", "spconv-triton>=1.0", "tensorboard>=2.10"],
+        # wandb: the offline-run test of the W&B logger; scipy: textbook t quantiles for the paired intervals
+        "test": ["pytest>=7", "triton>=3.0", "spconv>=2.3", "spconv-triton>=1.0", "tensorboard>=2.10", "wandb>=0.17",
+                 "scipy>=1.9"],
     },
 )

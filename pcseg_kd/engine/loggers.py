@@ -10,6 +10,7 @@ every record to every logger.
 from __future__ import annotations
 
 import json
+import secrets
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Set, Tuple
 
@@ -150,7 +151,8 @@ class WandbLogger(LoggerHook):
 
         from ..utils.io import atomic_write
         id_file = self.stage_dir / "wandb_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # a run id of our own (wandb's are 8 lowercase alphanumerics): no reliance on its internals
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         atomic_write(id_file, lambda f: f.write(run_id + "\n"))
         s = self.settings
         name = s.get("name") or f"{self.config.get('name') or 'kitti'}-{self.stage}"

@@ -314,7 +314,7 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
         if out[section].get("load_from"):
             def exists(path=out[section]["load_from"]):
                 if not Path(path).is_file():
-                    raise FileNotFoundError(f"{path} does not exist")
+                    raise ValueError(f"{path} does not exist")
             checks.append((f"{section}.load_from", exists))
     run_checks(checks, prov)
     return out

@@ -34,8 +34,8 @@ def gpu_branch_timeouts():
     steps = {k: int(v) for k, v in re.findall(r"\b(T_[A-Z_]+)=(\d+)", gpu)}
     # fixed timeouts outside the branch, except the two background generations (they overlap steps 1-2)
     fixed = [int(t) for t in re.findall(r"\btimeout (\d+) ", text)]
-    background = [int(t) for t in re.findall(r"timeout (\d+) \$PY tools/make_synthetic_kitti.py --out \"\$(?:DATA|QUICK)\"",
-                                             text)]
+    background = [int(t) for t in
+                  re.findall(r"timeout (\d+) \$PY tools/make_synthetic_kitti.py --out \"\$(?:DATA|QUICK)\"", text)]
     return steps, fixed, background
 
 

@@ -4,7 +4,6 @@ CPU (only its kernels need CUDA), so structure, state-dict layout and cross-load
 here; numerical parity needs a GPU (tools/gpu_parity.py, run by tools/gpu_check.sh)."""
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest

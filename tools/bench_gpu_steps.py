@@ -18,6 +18,8 @@ cache before its first step, outside the timed steps.
 from __future__ import annotations
 
 import copy
+import gc
+import shutil
 import statistics
 import sys
 import tempfile
@@ -99,10 +101,13 @@ def main(argv=None):
             c[section]["optim"]["amp"] = prec == "amp"
             if source:
                 c["distiller"]["teacher_source"] = source
+            wd = work / f"{name}_{prec}"
+            shutil.rmtree(wd, ignore_errors=True)  # a finished stage left by an earlier run would be skipped, not timed
+            gc.collect()  # the previous run's model and optimiser must not count in this run's peak
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats(env.device)
-            wall, _ = time_stage(stage, c, env, work / f"{name}_{prec}", train_ds, None, args.warmup)
+            wall, _ = time_stage(stage, c, env, wd, train_ds, None, args.warmup)
             if not wall:
                 raise SystemExit(f"error: {name} {prec}: no timed step (fewer than --warmup + 1 steps ran)")
             step = statistics.median(wall)

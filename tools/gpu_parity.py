@@ -24,7 +24,6 @@ every figure to ``--out`` (JSON); exit status 1 when a check fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -188,14 +187,16 @@ def main(argv=None) -> int:
                                  "scans": batch["batch_size"], "seconds_cpu_fp64_fp32": t_cpu,
                                  "seconds_device_first": t_dev, "ok": size_ok, "checks": checks}
         print(f"[{size}] {report['sizes'][size]['voxels']} voxels, {batch['batch_size']} scan(s): "
-              f"{'OK' if size_ok else 'FAIL'} (CPU fp64+fp32 {t_cpu:.1f} s, {device} first run {t_dev:.1f} s)", flush=True)
+              f"{'OK' if size_ok else 'FAIL'} (CPU fp64+fp32 {t_cpu:.1f} s, {device} first run {t_dev:.1f} s)",
+              flush=True)
         for name, c in checks.items():
             if "rel_err" in c:
                 print(f"  {name:<24} rel {c['rel_err']:.2e} (CPU fp32 {c['cpu_fp32_rel_err']:.2e}, tol {c['tol']:.2e})"
                       f"{'' if c['ok'] else '  FAIL'}")
             elif name == "grads":
-                print(f"  grads ({c['params']} params)    max rel {c['max_rel_err']:.2e}; worst vs tol: {c['worst_param']} "
-                      f"{c['worst_rel_err']:.2e} (tol {c['worst_tol']:.2e}){'' if c['ok'] else '  FAIL'}")
+                print(f"  grads ({c['params']} params)    max rel {c['max_rel_err']:.2e}; worst vs tol: "
+                      f"{c['worst_param']} {c['worst_rel_err']:.2e} (tol {c['worst_tol']:.2e})"
+                      f"{'' if c['ok'] else '  FAIL'}")
             else:
                 print(f"  {name:<24} {'same' if c['ok'] else 'DIFFERENT'} "
                       f"({', '.join(f'{k} {v}' for k, v in c.items() if k != 'ok')})")

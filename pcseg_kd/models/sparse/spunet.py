@@ -59,7 +59,7 @@ class BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm1d(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
         self.relu = nn.ReLU()
 
-    def forward(self, x: "spconv.SparseConvTensor") -> "spconv.SparseConvTensor":
+    def forward(self, x):  # the backend package's SparseConvTensor in and out
         identity = x.features if self.proj is None else self.proj(x).features
         out = self.conv1(x)
         out = out.replace_feature(self.relu(self.bn1(out.features)))

@@ -50,17 +50,19 @@ def test_three_stages_end_to_end_and_rerun_skips(data_root, tmp_path, capsys):
     assert {"all", "in_view"} <= set(res["student"])               # the student scores its own rows too
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["protocol"] == "fov" and summary["distiller"] == "dkd_pssm"
+    assert set(summary["student"]["teacher_targets"]) == {"epoch", "accuracy", "miou", "rows"}
     for stage, keys in (("teacher", {"in_view"}), ("baseline", {"in_view", "all"}), ("student", {"in_view", "all"})):
-        assert set(summary[stage]) == keys
+        assert set(summary[stage]) - {"teacher_targets"} == keys
         for k in keys:
             assert summary[stage][k]["miou"] == pytest.approx(res[stage][k]["miou"])
     # fov: the student's rows are the in-view points, the same rows the teacher is scored on
     assert summary["student"]["all"]["points"] == summary["student"]["in_view"]["points"] \
         == summary["teacher"]["in_view"]["points"]
-    printed = capsys.readouterr().out.splitlines()[-4:]
+    printed = capsys.readouterr().out.splitlines()[-5:]
     assert printed[0].startswith("teacher") and printed[1].startswith("baseline (no KD)")
     assert printed[2].startswith("student (dkd_pssm)") and "vs baseline" in printed[2]
-    assert "over present classes" in printed[0] and printed[3].startswith("one seed decides nothing")
+    assert "over present classes" in printed[0] and printed[3].startswith("teacher targets on the student's")
+    assert printed[4].startswith("one seed decides nothing")
     baseline_log = [json.loads(line) for line in (tmp_path / "baseline" / "log.jsonl").read_text().splitlines()]
     assert all("loss_kd" not in r for r in baseline_log) and any("loss_seg" in r for r in baseline_log)
     for stage in ("teacher", "baseline", "student"):
@@ -353,7 +355,7 @@ def test_cli_generates_the_synthetic_default_and_trains(tmp_path):
     assert (root / "sequences" / "00" / "velodyne").is_dir()
     metrics = json.loads((tmp_path / "w" / "metrics.json").read_text())
     assert set(metrics) == {"protocol", "distiller", "teacher", "baseline", "student"}
-    assert "vs baseline" in out.stdout.splitlines()[-3]
+    assert "vs baseline" in out.stdout.splitlines()[-4]
     assert (tmp_path / "w" / "config.yaml").is_file()
 
 

@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from ..distributed import DistEnv, barrier, broadcast_object
 from .data import to_device
 from .objective import rows_of
 
-from .teacher import cache_fingerprint, load_teacher, teacher_source
+from .teacher import cache_fingerprint, load_cache_teachers, teacher_source
 # their home before the teacher module: kept importable from here
 from .teacher import ENGINE_KEYS, teacher_inputs, without_engine_keys  # noqa: F401,E402
 
@@ -54,17 +54,23 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     first batch arrived)}; the written chunks' figures are this rank's. ``fingerprint``: the
     teacher's :func:`cache_fingerprint` when the caller has computed it already."""
     out = Path(out) if out is not None else teacher_source(cfg, work_dir)[1]
-    teacher = load_teacher(cfg, work_dir, env.device)
+    teachers = load_cache_teachers(cfg, work_dir, env.device)
     ds = DATASETS.build(export_dataset_cfg(cfg))
-    fingerprint = fingerprint or cache_fingerprint(cfg, work_dir, teacher)
+    fingerprint = fingerprint or cache_fingerprint(cfg, work_dir, teachers if len(teachers) > 1 else teachers[0])
+    # which teacher answers for each scan: with folds, the fold teacher that did not see it
+    frame_folds = None
+    if cfg["teacher"].get("folds"):
+        from ...data.kitti.folds import contiguous_folds
+        frame_folds = contiguous_folds(ds.frames, cfg["teacher"]["folds"])
     # one exporter per cache folder: two runs with different teachers must not both pass the
     # meta.json check and then write chunks under one meta
     with (work_dir_lock(out) if env.is_main else contextlib.nullcontext()):
-        meta, todo = _plan(out, ds, teacher.num_classes, fingerprint, chunk_frames, env)
-        return _export(cfg, env, out, teacher, ds, meta, todo, batch_size, num_workers, progress)
+        meta, todo = _plan(out, ds, teachers[0].num_classes, fingerprint, chunk_frames, env, frame_folds)
+        return _export(cfg, env, out, teachers, frame_folds, ds, meta, todo, batch_size, num_workers, progress)
 
 
-def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[int], env: DistEnv):
+def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[int], env: DistEnv,
+          frame_folds: Optional[List[int]] = None):
     """(meta, this rank's chunks to write): decided on rank 0 and shared, so that every rank
     splits the same list even if another has already written a chunk."""
     error, plan = None, None
@@ -86,6 +92,8 @@ def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[i
                 raise ValueError(f"--chunk-frames (chunk_frames) must be a whole number >= 1, got {chunk_frames!r}")
             meta = tc.new_meta([f.frame_id for f in ds.frames], num_classes, ds.class_names, fingerprint,
                                chunk_frames)
+            if frame_folds is not None:  # out-of-fold targets: the fold (teacher) of each frame
+                meta["frame_folds"] = frame_folds
             if saved is not None:
                 diff = sorted(k for k in meta if saved.get(k) != meta[k])
                 if diff:
@@ -111,11 +119,10 @@ def _plan(out: Path, ds, num_classes: int, fingerprint, chunk_frames: Optional[i
     return meta, todo[env.rank::env.world_size]
 
 
-def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, num_workers,
+def _export(cfg, env: DistEnv, out: Path, teachers, frame_folds, ds, meta, todo, batch_size, num_workers,
             progress: bool) -> Dict[str, Any]:
+    """``teachers``: [the teacher], or the fold teachers with ``frame_folds`` (each scan's fold)."""
     from tqdm import tqdm
-
-    from ...data.kitti.collate import collate_kitti
 
     device = env.device
     chunk_frames = meta["chunk_frames"]
@@ -134,6 +141,8 @@ def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, n
     # its workers die with the export: an orphan would hold the work folder's and the cache's locks
     loader = DataLoader(_Scans(ds, indices, skip_bad), batch_size=batch_size, collate_fn=list,
                         num_workers=num_workers, worker_init_fn=worker_init())
+    num_classes = teachers[0].num_classes
+    position = 0  # of the next loaded scan in ``indices``
     pending = iter(todo)
     k, buffer = None, ([], [], [])  # the chunk being filled: logits, point indices, scan sizes
     startup = None  # until the first batch arrives: worker start-up, the first scan's loading
@@ -141,15 +150,14 @@ def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, n
         for items in loader:
             if startup is None:
                 startup = time.perf_counter() - t0
-            good = [x for x in items if "bad_frame" not in x]
-            got = iter(())
-            if good:
-                logits, raw = _teacher_rows(teacher, to_device(collate_kitti(good), device), use_amp)
-                got = iter(zip(logits, raw, [x["num_scan_points"] for x in good]))
+            frames = indices[position:position + len(items)]
+            position += len(items)
+            good = [(i, x) for i, x in zip(frames, items) if "bad_frame" not in x]
+            got = iter(_rows_per_scan(teachers, frame_folds, good, device, use_amp))
             # a bad frame keeps its place with no rows: training never reads it (it substitutes
             # the next good frame, whose own rows are cached)
             for item in items:
-                scan = _NO_ROWS(teacher.num_classes) if "bad_frame" in item else next(got)
+                scan = _NO_ROWS(num_classes) if "bad_frame" in item else next(got)
                 if k is None:
                     k = next(pending)
                 for part, value in zip(buffer, scan):
@@ -166,6 +174,22 @@ def _export(cfg, env: DistEnv, out: Path, teacher, ds, meta, todo, batch_size, n
     return {"cache": str(out), "frames": len(meta["frames"]), "chunks": tc.num_chunks(meta), "written": len(todo),
             "rows": rows, "bytes": written_bytes, "seconds": time.perf_counter() - t0,
             "startup_seconds": startup or 0.0}
+
+
+def _rows_per_scan(teachers, frame_folds, good, device, use_amp) -> List[Tuple[Any, Any, int]]:
+    """(logits, raw point index, scan size) of each (frame index, sample) in ``good``, in order:
+    one forward pass per teacher over the scans it answers for."""
+    from ...data.kitti.collate import collate_kitti
+    groups: Dict[int, List[int]] = {}
+    for j, (i, _) in enumerate(good):
+        groups.setdefault(frame_folds[i] if frame_folds is not None else 0, []).append(j)
+    out: List[Any] = [None] * len(good)
+    for t, js in groups.items():
+        samples = [good[j][1] for j in js]
+        logits, raw = _teacher_rows(teachers[t], to_device(collate_kitti(samples), device), use_amp)
+        for j, lg, rw, x in zip(js, logits, raw, samples):
+            out[j] = (lg, rw, x["num_scan_points"])
+    return out
 
 
 def _NO_ROWS(num_classes: int):

@@ -31,7 +31,7 @@ class ProgressHook(Hook):
     def before_epoch(self, r: StageRunner) -> None:
         from tqdm import tqdm
         r.epoch_t0 = time.perf_counter()
-        self.bar = tqdm(total=r.steps, initial=r.first_step, desc=f"[{r.stage}] epoch {r.epoch}/{r.epochs}",
+        self.bar = tqdm(total=r.steps, initial=r.first_step, desc=f"[{r.name}] epoch {r.epoch}/{r.epochs}",
                         disable=not (r.progress and r.env.is_main and sys.stderr.isatty()), dynamic_ncols=True)
 
     def after_step(self, r: StageRunner) -> None:
@@ -76,7 +76,7 @@ class LossLogHook(Hook):
         if progress is not None:
             progress.show(values)
         if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"[{r.stage}] non-finite loss at epoch {r.epoch} step {r.step_in_epoch}: "
+            raise FloatingPointError(f"[{r.name}] non-finite loss at epoch {r.epoch} step {r.step_in_epoch}: "
                                      f"{values} (see {r.stage_dir / 'log.jsonl'})")
 
 
@@ -167,7 +167,7 @@ class CheckpointHook(Hook):
         # never save weights a non-finite loss has already touched (one host sync per checkpoint)
         finite = all_reduce_sum(torch.isfinite(r.loss.detach()).float().reshape(1), r.env)
         if float(finite) < r.env.world_size:
-            raise FloatingPointError(f"[{r.stage}] non-finite loss at epoch {r.epoch} step {r.step_in_epoch}; "
+            raise FloatingPointError(f"[{r.name}] non-finite loss at epoch {r.epoch} step {r.step_in_epoch}; "
                                      f"not checkpointing it (see {r.stage_dir / 'log.jsonl'})")
         r.checkpoint(r.epoch, r.step_in_epoch)
 
@@ -220,7 +220,7 @@ class EvalHook(Hook):
     def after_run(self, r: StageRunner) -> None:
         if r.metrics and r.env.is_main:
             from ...metrics.report import iou_table
-            print(f"[{r.stage}] per-class IoU (%) of the last validation:\n" + iou_table(r.metrics, r.val_ds.class_names),
+            print(f"[{r.name}] per-class IoU (%) of the last validation:\n" + iou_table(r.metrics, r.val_ds.class_names),
                   flush=True)
 
 
@@ -253,3 +253,81 @@ class BestCheckpointHook(Hook):
                                    "metrics": r.metrics, "config": r.cfg, "fingerprint": r.fingerprint,
                                    "epoch": record["epoch"], "best": {"rows": key, "miou": score(record)}},
                             keep_previous=False)
+
+
+class TeacherTargetHook(Hook):
+    """How often the teacher is right where it teaches: the accuracy and mIoU of the teacher's
+    argmax against the labels on the student's distilled rows (the cache's rows, or the
+    in-view points), per epoch. A confusion matrix is summed on the device every step (a
+    scatter-add, no sync) and read once per epoch; mIoU is over the classes present in those
+    rows' labels. A teacher that memorised its training scans scores far above its validation
+    mIoU here; out-of-fold targets score near it (docs/results_kitti.md)."""
+    priority = 20
+
+    def __init__(self, r: StageRunner):
+        self.env, self.num_classes, self.ignore = r.env, r.model.num_classes, r.seg.ignore_index
+        self.active = r.stage == "student" and r.distiller is not None and r.distiller.has_kd
+        self.history: List[Dict[str, Any]] = []
+        self.counts: Optional[Tensor] = None  # [C * C + 1]: label * C + prediction, the last bin for ignored rows
+
+    def after_step(self, r: StageRunner) -> None:
+        from .objective import kd_rows, labels_for
+        if not self.active:
+            return
+        with torch.no_grad():
+            labels = labels_for(r.rows, r.batch, r.out.get("point_valid"), self.ignore)
+            rows = kd_rows(r.distiller, r.out, r.teacher_out, r.rows, r.teacher_rows, r.batch, labels)
+            if rows is None:
+                return
+            _, teacher_logits, labels = rows
+            c = self.num_classes
+            valid = (labels >= 0) & (labels < c)
+            idx = torch.where(valid, labels.clamp(0, c - 1) * c + teacher_logits.argmax(1), c * c)
+            if self.counts is None:
+                self.counts = torch.zeros(c * c + 1, dtype=torch.int64, device=idx.device)
+            self.counts.scatter_add_(0, idx, torch.ones_like(idx))
+
+    def _summed(self) -> Optional[Tensor]:
+        if not self.active:
+            return None
+        counts = self.counts if self.counts is not None else torch.zeros(
+            self.num_classes ** 2 + 1, dtype=torch.int64, device=self.env.device)
+        return all_reduce_sum(counts.clone(), self.env)
+
+    def after_epoch(self, r: StageRunner) -> None:
+        summed = self._summed()
+        if summed is None:
+            return
+        entry = target_scores(summed[:-1].reshape(self.num_classes, self.num_classes).cpu())  # one sync per epoch
+        self.counts = None
+        if entry["rows"]:
+            self.history = [h for h in self.history if h["epoch"] != r.epoch] + [{"epoch": r.epoch, **entry}]
+            r.print(f"teacher targets on the distilled rows, epoch {r.epoch}: accuracy {entry['accuracy']:.2f} %, "
+                    f"mIoU {entry['miou']:.2f} ({entry['rows']} rows)")
+
+    def state_dict(self) -> Dict[str, Any]:
+        summed = self._summed()
+        return {"teacher_target_history": self.history,
+                "teacher_target_counts": summed.cpu() if summed is not None else None}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.history = list(state.get("teacher_target_history", []))
+        counts = state.get("teacher_target_counts")
+        if counts is not None and self.env.is_main:  # summed over ranks when saved: rank 0 carries them
+            self.counts = counts.to(self.env.device)
+
+    def final_state(self) -> Dict[str, Any]:
+        return {"teacher_target_history": self.history}
+
+
+def target_scores(confusion: Tensor) -> Dict[str, Any]:
+    """Accuracy and mIoU (%) of a [C, C] (label, prediction) count matrix; the mIoU is over
+    the classes that occur among the labels. Also the row count."""
+    conf = confusion.double()
+    total = conf.sum()
+    tp = conf.diagonal()
+    present = conf.sum(1) > 0
+    iou = tp / (conf.sum(1) + conf.sum(0) - tp).clamp(min=1)
+    return {"accuracy": float(100 * tp.sum() / total) if total else float("nan"),
+            "miou": float(100 * iou[present].mean()) if present.any() else float("nan"),
+            "rows": int(total)}

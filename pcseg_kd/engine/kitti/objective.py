@@ -21,7 +21,7 @@ optional class weights (:mod:`pcseg_kd.losses.class_weights`).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -88,24 +88,34 @@ def teacher_loss(model: nn.Module, out: Dict[str, Tensor], batch: Dict[str, Any]
     return losses
 
 
+def kd_rows(distiller, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, Tensor]], s_rows: str, t_rows: str,
+            batch: Dict[str, Any], labels: Tensor) -> Optional[Tuple[Tensor, Tensor, Tensor]]:
+    """(student logits, teacher logits, labels) on the rows the KD term acts on, or None
+    without KD: the cached teacher's rows (``kd_point_idx``) or the in-view points."""
+    if not distiller.has_kd:
+        return None
+    if t_out is None and "teacher_logits" in batch:  # the exported teacher cache
+        if s_rows != "points":
+            raise ValueError("a teacher cache pairs rows by point: the student must predict every point")
+        rows = batch["kd_point_idx"]
+        return s_out["logits"][rows], batch["teacher_logits"].float(), labels[rows]
+    if t_out is not None:
+        # ignore_index where the student has no voxel
+        return (in_view(s_out["logits"], s_rows, batch), in_view(t_out["logits"], t_rows, batch).detach(),
+                in_view(labels, s_rows, batch))
+    return None
+
+
 def student_loss(distiller, seg: SegLoss, s_out: Dict[str, Tensor], t_out: Optional[Dict[str, Tensor]],
                  s_rows: str, t_rows: str, batch: Dict[str, Any], epoch: int) -> Dict[str, Tensor]:
     point_valid = s_out.get("point_valid")
     labels = labels_for(s_rows, batch, point_valid, seg.ignore_index)
     losses = {"loss_seg": distiller.ce_weight * seg(s_out["logits"], labels)}
-    if t_out is None and distiller.has_kd and "teacher_logits" in batch:  # the exported teacher cache
-        if s_rows != "points":
-            raise ValueError("a teacher cache pairs rows by point: the student must predict every point")
-        rows = batch["kd_point_idx"]
-        losses["loss_kd"] = distiller.kd_loss(s_out["logits"][rows], batch["teacher_logits"].float(),
-                                              labels[rows], epoch)
-    elif t_out is not None and distiller.has_kd:
+    kd = kd_rows(distiller, s_out, t_out, s_rows, t_rows, batch, labels)
+    if kd is not None:
         extras = {}
-        if distiller.uses_features:  # logit distillers: no [K, D] gathers per step
+        if t_out is not None and distiller.uses_features:  # logit distillers: no [K, D] gathers per step
             extras = {"student_feats": in_view(s_out["feats"], s_rows, batch),
                       "teacher_feats": in_view(t_out["feats"], t_rows, batch).detach()}
-        kd_labels = in_view(labels, s_rows, batch)  # ignore_index where the student has no voxel
-        losses["loss_kd"] = distiller.kd_loss(in_view(s_out["logits"], s_rows, batch),
-                                              in_view(t_out["logits"], t_rows, batch).detach(),
-                                              kd_labels, epoch, **extras)
+        losses["loss_kd"] = distiller.kd_loss(*kd, epoch, **extras)
     return losses

@@ -43,8 +43,9 @@ class StageRunner:
     def __init__(self, stage: str, cfg: Dict[str, Any], env: DistEnv, stage_dir: Path, *, model: nn.Module,
                  optim_cfg, opt: torch.optim.Optimizer, sched, scaler, params: List[Tensor], seg, distiller,
                  teacher: Optional[nn.Module], train_ds, val_ds, steps: int, fingerprint: Dict[str, Any],
-                 hooks: Sequence[Hook] = (), progress: bool = True):
+                 hooks: Sequence[Hook] = (), progress: bool = True, name: Optional[str] = None):
         self.stage, self.cfg, self.env, self.stage_dir = stage, cfg, env, Path(stage_dir)
+        self.name = name or stage  # what messages call it: teacher_fold_k for a fold teacher
         self.model, self.optim_cfg, self.opt, self.sched, self.scaler = model, optim_cfg, opt, sched, scaler
         self.params, self.seg, self.distiller, self.teacher = params, seg, distiller, teacher
         self.train_ds, self.val_ds, self.steps, self.fingerprint = train_ds, val_ds, steps, fingerprint
@@ -88,7 +89,7 @@ class StageRunner:
 
     def print(self, msg: str) -> None:
         if self.env.is_main:
-            print(f"[{self.stage}] {msg}", flush=True)
+            print(f"[{self.name}] {msg}", flush=True)
 
     # ------------------------------------------------------------------------- state
     def state_dict(self, epoch: int, step_in_epoch: int, pending_validation: Optional[int] = None) -> Dict[str, Any]:
@@ -192,7 +193,7 @@ class StageRunner:
             save_checkpoint(self.final, {"model": self.model.state_dict(), "model_cfg": self.cfg_section["model"],
                                          "metrics": self.metrics, "config": self.cfg, "fingerprint": self.fingerprint,
                                          "history": self.history, **self.final_extras()})
-            write_stage_metrics(self.stage_dir, self.metrics, self.history, self.final_extras().get("omega_history"))
+            write_stage_metrics(self.stage_dir, self.metrics, self.history, self.final_extras())
         self.call("after_run")
         barrier(self.env)
         return self.metrics
@@ -220,11 +221,19 @@ def _average_grads(module: nn.Module, env: DistEnv) -> None:
             all_reduce_sum(p.grad, env).div_(env.world_size)
 
 
+#: what hooks keep in final.pt beside the weights, and its key in the stage's metrics.json
+FINAL_EXTRAS = {"omega_history": "omega", "teacher_target_history": "teacher_targets"}
+
+
 def write_stage_metrics(stage_dir: Path, metrics: Dict[str, Any], history: List[Dict[str, Any]],
-                        omega_history: Optional[List[Dict[str, Any]]] = None) -> None:
+                        extras: Optional[Dict[str, Any]] = None) -> None:
+    """``metrics.json``: the final validation, its history and the hooks' per-epoch records
+    (``omega``: PSSM students' shares of distilled rows with Ω = 1 / 0 / between;
+    ``teacher_targets``: the teacher's accuracy and mIoU on the distilled rows)."""
     out = {"final": metrics, "history": history}
-    if omega_history:  # PSSM students: the shares of distilled rows with Ω = 1 / 0 / between, per epoch
-        out["omega"] = omega_history
+    for key, name in FINAL_EXTRAS.items():
+        if (extras or {}).get(key):
+            out[name] = extras[key]
     write_json(stage_dir / "metrics.json", out)  # NaN -> null
 
 

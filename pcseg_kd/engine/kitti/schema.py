@@ -84,6 +84,13 @@ class StageConfig:
     # start from these weights (a final.pt / best.pt / last.pt, or a bare state_dict) instead of
     # the initialisation: fine-tuning; its path and a digest of its weights join the fingerprint
     load_from: Optional[str] = None
+    # teacher only: train K fold teachers beside the teacher, fold k on every training scan outside
+    # fold k (contiguous blocks of frames per sequence), and give each scan the cached logits of
+    # the fold teacher that did not see it (out-of-fold targets; 0 = off). Needs the teacher cache.
+    folds: int = 0
+    # teacher only: dataset settings merged into data.train for the teacher stage alone (e.g.
+    # other sequences: a held-out teacher)
+    data: Optional[Dict[str, Any]] = None
 
 
 @dataclass
@@ -166,6 +173,37 @@ def check_num_classes(cfg: Dict[str, Any], num_classes: int) -> None:
         problem = _num_classes_problem(cfg, section, num_classes)
         if problem:
             raise ConfigError(f"{section}.model.num_classes: {problem}")
+
+
+def check_teacher_fit(cfg: Dict[str, Any]) -> None:
+    """``teacher.folds`` / ``teacher.data``: the teacher's own keys, valid together."""
+    folds = cfg["teacher"].get("folds") or 0
+    if cfg["student"].get("folds") or cfg["student"].get("data"):
+        raise ValueError("folds and data are teacher settings: student.folds / student.data are not used")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
+        raise ValueError(f"must be 0 (off) or a whole number >= 2, got {folds!r}")
+    if not folds:
+        return
+    if cfg["teacher"].get("data"):
+        raise ValueError("folds split the student's training scans; teacher.data trains the teacher on other "
+                         "scans: use one or the other")
+    if cfg.get("teacher_checkpoint"):
+        raise ValueError("the fold teachers are trained here, from the teacher's settings: unset teacher_checkpoint")
+    kd = cfg["distiller"].get("type") not in (None, "none")
+    if "student" in cfg["stages"] and kd and cfg["distiller"].get("teacher_source", "online") != "cache":
+        raise ValueError("out-of-fold targets come from the teacher cache (each scan from the fold teacher that "
+                         "did not see it): set distiller.teacher_source=cache")
+
+
+def check_dataset_keys(train: Dict[str, Any], overrides: Dict[str, Any]) -> None:
+    """Dataset settings merged into ``data.train``: keys the dataset takes."""
+    from ...config import accepted_params
+    params, _, _ = accepted_params(DATASETS.get(train["type"]))
+    unknown = sorted(set(overrides) - set(params) - {"type"})
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} for dataset {train['type']!r} (accepted: {', '.join(params)})")
+    if overrides.get("type", train["type"]) != train["type"]:
+        raise ValueError("the teacher's data must be of data.train's type")
 
 
 def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str, Any]:
@@ -310,6 +348,9 @@ def load_kitti_experiment(path: str, overrides: Sequence[str] = ()) -> Dict[str,
     if out.get("wandb"):
         from ..loggers import check_wandb_settings
         checks.append(("wandb", lambda: check_wandb_settings(out["wandb"])))
+    checks.append(("teacher.folds", lambda: check_teacher_fit(out)))
+    if out["teacher"].get("data"):
+        checks.append(("teacher.data", lambda: check_dataset_keys(out["data"]["train"], out["teacher"]["data"])))
     for section in ("teacher", "student"):
         if out[section].get("load_from"):
             def exists(path=out[section]["load_from"]):

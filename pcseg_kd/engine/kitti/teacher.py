@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Any, Dict, Literal, Optional, Tuple
+from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -118,14 +118,46 @@ def teacher_weights_path(cfg: Dict[str, Any], work_dir: Path) -> Path:
     return Path(cfg["teacher_checkpoint"]) if cfg.get("teacher_checkpoint") else Path(work_dir) / "teacher" / "final.pt"
 
 
-def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher: Optional[torch.nn.Module] = None,
+def fold_teacher_paths(cfg: Dict[str, Any], work_dir: Path) -> List[Path]:
+    """The fold teachers' weights (``teacher.folds`` = K > 0), else []."""
+    return [Path(work_dir) / f"teacher_fold_{k}" / "final.pt" for k in range(cfg["teacher"].get("folds") or 0)]
+
+
+def load_cache_teachers(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> List[nn.Module]:
+    """The teachers whose logits the run's cache holds: the K fold teachers (out-of-fold
+    targets), else the one teacher."""
+    paths = fold_teacher_paths(cfg, work_dir)
+    if not paths:
+        return [load_teacher(cfg, work_dir, device)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"fold teacher weights {missing[0]} do not exist: run the teacher stage "
+                                f"(teacher.folds={len(paths)} trains them beside the teacher)")
+    return [load_frozen(p, cfg["teacher"]["model"], device, "teacher.model") for p in paths]
+
+
+def cache_fingerprint(cfg: Dict[str, Any], work_dir: Path, teacher=None,
                       device: torch.device = torch.device("cpu")) -> Optional[Dict[str, Any]]:
     """What a cache exported from this run's teacher depends on: the teacher (its settings
-    and a digest of its weights) and its inputs. None when the run has no teacher weights
-    (a cache written by another teacher, e.g. another framework's, is then taken as it is)."""
+    and a digest of its weights) and its inputs; with ``teacher.folds``, every fold teacher's
+    (their settings hold their fold and a digest of every scan's fold). None when the run has
+    no teacher weights (a cache written by another teacher, e.g. another framework's, is then
+    taken as it is). ``teacher``: the loaded teacher, or the list of fold teachers."""
+    inputs = teacher_inputs(cfg["data"]["train"])
+    paths = fold_teacher_paths(cfg, work_dir)
+    if paths:
+        if not all(p.is_file() for p in paths):
+            return None
+        teachers = teacher if isinstance(teacher, list) else load_cache_teachers(cfg, work_dir, device)
+        return {"teacher": {"folds": len(paths),
+                            "fold_teachers": [{"settings": load_checkpoint(p, mmap=True).get("fingerprint", {}),
+                                               "weights_sha256": weights_digest(t)} for p, t in zip(paths, teachers)]},
+                "inputs": inputs}
     if teacher is None:
         if not teacher_weights_path(cfg, work_dir).is_file():
             return None
         teacher = load_teacher(cfg, work_dir, device)
+    if isinstance(teacher, list):
+        teacher = teacher[0]
     return {"teacher": {"settings": teacher_fingerprint(cfg, work_dir), "weights_sha256": weights_digest(teacher)},
-            "inputs": teacher_inputs(cfg["data"]["train"])}
+            "inputs": inputs}

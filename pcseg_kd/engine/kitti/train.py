@@ -35,7 +35,8 @@ from .export import export_teacher
 from .teacher import (ResumeMismatch, cache_fingerprint, load_frozen, load_teacher, load_weights,  # noqa: F401
                       teacher_fingerprint, teacher_source, teacher_weights_path, without_engine_keys, without_pretrained)
 from .objective import SegLoss, rows_of  # noqa: F401
-from .runner import (StageRunner, check_fingerprint, model_section, omega_counts_over_ranks,  # noqa: F401
+from .schema import check_num_classes
+from .runner import (FINAL_EXTRAS, StageRunner, check_fingerprint, model_section, omega_counts_over_ranks,  # noqa: F401
                      val_record, write_stage_metrics)
 
 
@@ -72,13 +73,16 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int, use_amp: bool,
-                      work_dir: Path, distiller, expected_cache: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+                      work_dir: Path, distiller, expected_cache: Optional[Dict[str, Any]] = None,
+                      fold: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """The settings a stage's weights depend on; checkpoints carry it, and resuming or
     reusing one under different settings is an error rather than a silent mix."""
     section = cfg[model_section(stage)]
     fp = {"model": section["model"], "optim": section["optim"], "loss": section.get("loss"),
-          "train": cfg["data"]["train"], "seed": cfg["seed"], "amp": use_amp, "threads": cfg["threads"],
+          "train": stage_train_cfg(stage, cfg), "seed": cfg["seed"], "amp": use_amp, "threads": cfg["threads"],
           "world_size": env.world_size, "steps_per_epoch": steps}
+    if fold is not None:  # a fold teacher: which scans it left out
+        fp["fold"] = fold
     if cfg.get("sync_bn") and env.distributed:  # only where it acts: older checkpoints still resume
         fp["sync_bn"] = True
     if section.get("load_from"):  # only where set: checkpoints written before the key still resume
@@ -99,6 +103,14 @@ def stage_fingerprint(stage: str, cfg: Dict[str, Any], env: DistEnv, steps: int,
     return fp
 
 
+def stage_train_cfg(stage: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
+    """The training set a stage trains on: ``data.train``, with ``teacher.data`` merged in for
+    the teacher (a held-out teacher trains on other scans)."""
+    if stage == "teacher" and cfg["teacher"].get("data"):
+        return {**cfg["data"]["train"], **cfg["teacher"]["data"]}
+    return cfg["data"]["train"]
+
+
 def stage_distiller_cfg(stage: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
     """The student's distiller; the baseline keeps its segmentation weight and drops KD."""
     if stage == "baseline":
@@ -108,18 +120,22 @@ def stage_distiller_cfg(stage: str, cfg: Dict[str, Any]) -> Dict[str, Any]:
 
 def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds,
                 progress: bool = True, class_weights: Optional[Dict[str, Tensor]] = None,
-                on_step: Optional[Callable[[int], None]] = None, hooks: Sequence[Hook] = ()) -> StageResult:
+                on_step: Optional[Callable[[int], None]] = None, hooks: Sequence[Hook] = (),
+                name: Optional[str] = None, fold: Optional[Dict[str, Any]] = None) -> StageResult:
     """Train one stage (or reuse its ``final.pt``): build its state, resume it from
     ``last.pt``, and run :class:`.runner.StageRunner` with the stage's hooks.
 
     ``class_weights``: {section: [C] weights} for sections whose loss asks for them;
     ``on_step(global_step)`` is called after every optimiser step (benchmarks time steps
-    with it); ``hooks``: extra :class:`pcseg_kd.engine.hook.Hook` s."""
+    with it); ``hooks``: extra :class:`pcseg_kd.engine.hook.Hook` s; ``name``: the stage's
+    folder under ``work_dir`` (default ``stage``; ``teacher_fold_k`` for fold teachers, whose
+    ``fold`` {k, folds, digest of every scan's fold} joins the fingerprint)."""
     from .schema import KittiOptimConfig
 
+    name = name or stage
     scfg = cfg[model_section(stage)]
     o = KittiOptimConfig(**scfg["optim"])
-    stage_dir = work_dir / stage
+    stage_dir = work_dir / name
     final = stage_dir / "final.pt"
     device = env.device
     use_amp = o.amp and device.type == "cuda"
@@ -127,7 +143,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     if o.max_steps_per_epoch:
         steps = min(steps, o.max_steps_per_epoch)
     if steps < 1:
-        raise ValueError(f"[{stage}] {len(train_ds)} training scans give no full batch of {o.batch_size} per "
+        raise ValueError(f"[{name}] {len(train_ds)} training scans give no full batch of {o.batch_size} per "
                          f"process on {env.world_size} process(es): lower {stage}.optim.batch_size")
     distiller = None
     if stage != "teacher":
@@ -145,7 +161,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
     cached_kd = distiller is not None and distiller.has_kd and teacher_source(cfg, work_dir)[0] == "cache"
     if cached_kd:
         expected_cache = cache_fingerprint(cfg, work_dir, device=device)  # loads and hashes the teacher: once
-    fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller, expected_cache)
+    fingerprint = stage_fingerprint(stage, cfg, env, steps, use_amp, work_dir, distiller, expected_cache, fold)
     if final.is_file():
         state = load_checkpoint(final, mmap=True)  # its fingerprint and metrics only
         # a finished stage can be reused on another number of processes or threads, and without
@@ -155,10 +171,10 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             ignore += ("teacher",)
         check_fingerprint(final, state.get("fingerprint"), fingerprint, ignore=ignore)
         if env.is_main:
-            print(f"[{stage}] already trained: {final} (delete it to train again)", flush=True)
+            print(f"[{name}] already trained: {final} (delete it to train again)", flush=True)
             if not (stage_dir / "metrics.json").is_file():  # killed between final.pt and metrics.json
                 write_stage_metrics(stage_dir, state.get("metrics", {}), state.get("history", []),
-                                    state.get("omega_history", []))
+                                    {k: state[k] for k in FINAL_EXTRAS if state.get(k)})
         return StageResult(state.get("metrics", {}), final)
     stage_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg["seed"])  # the same initialisation on every rank
@@ -182,7 +198,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
         broadcast_module(distiller, env)  # outside DDP: start every rank from rank 0's regressors
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     opt = build_optimizer(params, o, device)
-    runner = StageRunner(stage, cfg, env, stage_dir, model=model, optim_cfg=o, opt=opt,
+    runner = StageRunner(stage, cfg, env, stage_dir, name=name, model=model, optim_cfg=o, opt=opt,
                          sched=build_scheduler(opt, o, steps), scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
                          params=params, seg=seg, distiller=distiller, teacher=teacher, train_ds=train_ds,
                          val_ds=val_ds, steps=steps, fingerprint=fingerprint, progress=progress)
@@ -202,9 +218,9 @@ def default_hooks(runner: StageRunner, on_step: Optional[Callable[[int], None]] 
 
     cfg = runner.cfg
     evaluation = H.EvalHook(cfg["eval_interval"])
-    out: List[Hook] = build_loggers(cfg, runner.stage_dir, runner.env.is_main, runner.stage)
+    out: List[Hook] = build_loggers(cfg, runner.stage_dir, runner.env.is_main, runner.name)
     out += [H.ProgressHook(), H.LossLogHook(cfg["log_interval"]), H.EpochLossHook(runner.env),
-            H.OmegaStatsHook(runner), H.CheckpointHook(cfg["checkpoint_interval"], lambda e: evaluation.due(runner, e)),
+            H.OmegaStatsHook(runner), H.TeacherTargetHook(runner), H.CheckpointHook(cfg["checkpoint_interval"], lambda e: evaluation.due(runner, e)),
             evaluation, H.BestCheckpointHook()]
     if on_step is not None:
         out.append(H.StepCallbackHook(on_step))
@@ -216,11 +232,11 @@ def start_banner(r: StageRunner, cached_kd: bool, work_dir: Path) -> str:
     env, o = r.env, r.optim_cfg
     backend = torch.distributed.get_backend() if env.distributed else "none"
     params = sum(p.numel() for p in r.model.parameters())
-    lines = [f"[{r.stage}] {type(r.model).__name__} ({params / 1e6:.2f} M parameters) on {env.device}, "
+    lines = [f"[{r.name}] {type(r.model).__name__} ({params / 1e6:.2f} M parameters) on {env.device}, "
              f"{env.world_size} process(es) (backend {backend}), {torch.get_num_threads()} thread(s) each",
-             f"[{r.stage}] batch {o.batch_size} scans per process, {o.batch_size * env.world_size} global; "
+             f"[{r.name}] batch {o.batch_size} scans per process, {o.batch_size * env.world_size} global; "
              f"AMP {'on' if r.use_amp else 'off'}; {o.optimizer} lr {o.lr:g}, {o.schedule} schedule",
-             f"[{r.stage}] {len(r.train_ds)} training scans ({r.steps} steps per epoch x {o.epochs} epochs), "
+             f"[{r.name}] {len(r.train_ds)} training scans ({r.steps} steps per epoch x {o.epochs} epochs), "
              + (f"{len(r.val_ds)} validation scans" if r.val_ds is not None else "no validation")
              + f", protocol {r.cfg['protocol']}"]
     if r.distiller is not None:
@@ -228,9 +244,9 @@ def start_banner(r: StageRunner, cached_kd: bool, work_dir: Path) -> str:
         source = ""
         if r.distiller.has_kd:
             source = f", teacher from {'the cache ' + str(teacher_source(r.cfg, work_dir)[1]) if cached_kd else 'its weights, every step'}"
-        lines.append(f"[{r.stage}] distiller {kd}{source}")
+        lines.append(f"[{r.name}] distiller {kd}{source}")
     if r.cfg_section.get("load_from"):
-        lines.append(f"[{r.stage}] initialised from {r.cfg_section['load_from']}")
+        lines.append(f"[{r.name}] initialised from {r.cfg_section['load_from']}")
     return "\n".join(lines)
 
 
@@ -292,11 +308,13 @@ def check_batches(cfg: Dict[str, Any], scans: int, env: DistEnv) -> None:
                              f"{bs} per process on {env.world_size} process(es) for the {stage} stage: lower it")
 
 
-def resolve_class_weights(cfg: Dict[str, Any], train_ds, work_dir: Path, env: DistEnv) -> Dict[str, Tensor]:
+def resolve_class_weights(cfg: Dict[str, Any], train_ds, work_dir: Path, env: DistEnv,
+                          teacher_ds=None) -> Dict[str, Tensor]:
     """{section: [C] CE class weights} for the sections whose ``loss.class_weights`` asks for
     them: 2DPASS's (max f / f_c)^(1/3) from the label map's ``content`` (``"content"``) or
     from the training labels (``"frequency"``, counted once and kept in
-    ``WORK/class_counts.json``), or the config's own list."""
+    ``WORK/class_counts.json``; a teacher with its own ``teacher.data`` counts its own, in
+    ``WORK/class_counts_teacher.json``), or the config's own list."""
     from ...losses.class_weights import inverse_frequency_weights
 
     out: Dict[str, Tensor] = {}
@@ -304,29 +322,33 @@ def resolve_class_weights(cfg: Dict[str, Any], train_ds, work_dir: Path, env: Di
         source = (cfg[section].get("loss") or {}).get("class_weights")
         if source is None:
             continue
+        own = section == "teacher" and teacher_ds is not None and teacher_ds is not train_ds
+        ds = teacher_ds if own else train_ds
         if source == "content":
-            weights = inverse_frequency_weights(train_ds.label_map.train_frequencies())
+            weights = inverse_frequency_weights(ds.label_map.train_frequencies())
         elif source == "frequency":
-            weights = inverse_frequency_weights(training_class_counts(cfg, train_ds, work_dir, env))
+            counts_file = work_dir / ("class_counts_teacher.json" if own else "class_counts.json")
+            data_cfg = stage_train_cfg("teacher" if own else "student", cfg)
+            weights = inverse_frequency_weights(training_class_counts(data_cfg, ds, counts_file, env))
         else:
-            if len(source) != train_ds.num_classes:
+            if len(source) != ds.num_classes:
                 raise ValueError(f"{section}.loss.class_weights: {len(source)} weights for "
-                                 f"{train_ds.num_classes} classes")
+                                 f"{ds.num_classes} classes")
             weights = torch.tensor(source, dtype=torch.float32)
         out[section] = weights
     return out
 
 
-def training_class_counts(cfg: Dict[str, Any], train_ds, work_dir: Path, env: DistEnv) -> List[int]:
-    path = work_dir / "class_counts.json"
+def training_class_counts(data_cfg: Dict[str, Any], train_ds, path: Path, env: DistEnv) -> List[int]:
+    """Per-class label counts of a training set, kept in ``path`` (keyed by its config)."""
     if path.is_file():
         saved = json.loads(path.read_text())
-        if saved.get("train") == cfg["data"]["train"]:
+        if saved.get("train") == data_cfg:
             return saved["counts"]
     counts = [int(c) for c in train_ds.label_counts(progress=env.is_main)]
     if env.is_main:
-        work_dir.mkdir(parents=True, exist_ok=True)
-        write_json(path, {"train": cfg["data"]["train"], "counts": counts, "classes": train_ds.class_names})
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, {"train": data_cfg, "counts": counts, "classes": train_ds.class_names})
     return counts
 
 
@@ -363,10 +385,36 @@ def comparison_lines(summary: Dict[str, Any]) -> List[str]:
                      for k in ("in_view", "all") if k in summary["student"] and k in summary["baseline"]]
             line += f"   vs baseline: {', '.join(gains)}"
         lines.append(line)
+    targets = summary.get("student", {}).get("teacher_targets")
+    if targets:
+        lines.append(f"teacher targets on the student's distilled rows (last epoch): accuracy {targets['accuracy']:.2f} %, "
+                     f"mIoU {targets['miou']:.2f} ({targets['rows']} rows)")
     if "student" in summary and "baseline" in summary:
         lines.append("one seed decides nothing: the seed spread is as large as the effects studied; compare >= 5 seeds "
                      "with tools/kitti_compare.py (paired 95 % interval)")
     return lines
+
+
+def fold_teacher_name(k: int) -> str:
+    return f"teacher_fold_{k}"
+
+
+def train_fold_teachers(cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds, progress: bool,
+                        class_weights) -> Dict[str, Dict[str, Any]]:
+    """``teacher.folds = K``: K teachers with the teacher's settings, fold teacher k trained on
+    every training scan outside fold k (:func:`pcseg_kd.data.kitti.folds.contiguous_folds`),
+    each a resumable stage of its own in ``WORK/teacher_fold_k/``; the teacher cache gives
+    each scan the logits of the one that did not see it. Returns {name: final validation}."""
+    from ...data.kitti.folds import FrameSubset, contiguous_folds, folds_digest
+    k_folds = cfg["teacher"]["folds"]
+    folds = contiguous_folds(train_ds.frames, k_folds)
+    out = {}
+    for k in range(k_folds):
+        subset = FrameSubset(train_ds, [i for i, f in enumerate(folds) if f != k])
+        fold = {"k": k, "folds": k_folds, "frame_folds_sha256": folds_digest(folds)}
+        out[fold_teacher_name(k)] = train_stage("teacher", cfg, env, work_dir, subset, val_ds, progress, class_weights,
+                                                name=fold_teacher_name(k), fold=fold).metrics
+    return out
 
 
 def run_kitti(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool = True) -> Dict[str, Any]:
@@ -378,21 +426,32 @@ def run_kitti(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, progress: bool 
     roots = [data["train"]["root"]] + ([data["val"]["root"]] if data.get("val") else [])
     generate_synthetic_if_missing(roots, data.get("synthetic"), env)
     train_ds = DATASETS.build(data["train"])
+    teacher_ds = DATASETS.build(stage_train_cfg("teacher", cfg)) if cfg["teacher"].get("data") else train_ds
     val_ds = DATASETS.build(data["val"]) if data.get("val") else None
+    check_num_classes(cfg, train_ds.num_classes)  # a label map other than the configured default
+    for ds in dict.fromkeys([train_ds, teacher_ds]):  # all-unlabelled data would train on nothing
+        ds.check_has_labels("loss.class_weights")
     check_batches(cfg, len(train_ds), env)  # every stage, before the first one trains
-    class_weights = resolve_class_weights(cfg, train_ds, work_dir, env)
+    class_weights = resolve_class_weights(cfg, train_ds, work_dir, env, teacher_ds)
     results = {}
     for stage in cfg["stages"]:
         if stage == "teacher" and cfg.get("teacher_checkpoint"):
             continue
-        results[stage] = train_stage(stage, cfg, env, work_dir, train_ds, val_ds, progress, class_weights).metrics
+        ds = teacher_ds if stage == "teacher" else train_ds
+        results[stage] = train_stage(stage, cfg, env, work_dir, ds, val_ds, progress, class_weights).metrics
+        if stage == "teacher" and cfg["teacher"].get("folds"):
+            fold_results = train_fold_teachers(cfg, env, work_dir, train_ds, val_ds, progress, class_weights)
     if val_ds is not None and env.is_main:
         summary = summarize(cfg, results)
-        write_json(work_dir / "metrics.json", summary)
+        if cfg["teacher"].get("folds") and "teacher" in results:
+            summary["fold_teachers"] = {name: {"miou": m["in_view"]["miou"]} for name, m in fold_results.items()}
         from ...utils.io import read_json
         from ...vis import plot_learning_curves
-        histories = {stage: (read_json(work_dir / stage / "metrics.json", default={}) or {}).get("history", [])
-                     for stage in results}
+        stage_metrics = {stage: read_json(work_dir / stage / "metrics.json", default={}) or {} for stage in results}
+        if stage_metrics.get("student", {}).get("teacher_targets"):  # the last epoch's
+            summary["student"]["teacher_targets"] = stage_metrics["student"]["teacher_targets"][-1]
+        write_json(work_dir / "metrics.json", summary)
+        histories = {stage: m.get("history", []) for stage, m in stage_metrics.items()}
         plot_learning_curves(histories, work_dir / "learning_curves.png",
                              f"{cfg.get('name') or 'kitti'}: validation ({cfg['protocol']} protocol)")
         print("\n".join(["", f"[{cfg.get('name') or 'kitti'}] final validation ({cfg['protocol']} protocol):"]

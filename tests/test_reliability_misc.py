@@ -19,6 +19,7 @@ def test_spunet_without_spconv_says_what_is_missing_and_how_to_install_it():
     r = _run("""
         import sys
         sys.modules["spconv"] = None  # `import spconv...` now raises ImportError
+        sys.modules["spconv_triton"] = None  # nor the GPU backend: no sparse package at all
         from pcseg_kd.models.sparse.spconv_compat import HAVE_SPCONV
         assert not HAVE_SPCONV
         import pcseg_kd.models

@@ -24,6 +24,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
+from ...registry import MissingDependencyError
 from .spconv_compat import HAVE_SPCONV, require_spconv
 
 BACKENDS: Tuple[str, ...] = ("spconv", "spconv_triton", "auto")
@@ -73,9 +74,9 @@ def resolve_backend(name: str, device: Optional[Union[str, torch.device]] = None
         except ImportError as e:
             hint = (" spconv-Triton is installed: on a CUDA machine set backend: spconv_triton (or auto)."
                     if HAVE_SPCONV_TRITON else "")
-            raise ImportError(f"{e}{hint}") from e.__cause__
+            raise MissingDependencyError(f"{e}{hint}") from e.__cause__
     if name == "spconv_triton" and not HAVE_SPCONV_TRITON:
-        raise ImportError(f"{key}: spconv_triton: the package spconv-triton (or triton) is not installed "
+        raise MissingDependencyError(f"{key}: spconv_triton: the package spconv-triton (or triton) is not installed "
                           "(`pip install 'pcseg_kd[gpu]'`, i.e. spconv-triton and triton)")
     return name
 

@@ -233,3 +233,24 @@ def test_held_out_teacher_trains_on_its_own_data(data_root, tmp_path):
     assert fp["train"]["sequences"] == ["08"]
     counts = json.loads((tmp_path / "class_counts_teacher.json").read_text())
     assert counts["train"]["sequences"] == ["08"]
+
+
+@needs_spconv
+def test_a_teacher_checkpoint_brings_its_fold_teachers(fold_run, data_root, tmp_path):
+    """teacher_checkpoint OTHER/teacher/final.pt: the fold teachers are OTHER/teacher_fold_k's,
+    and the cache exported from them holds what the run that trained them exported."""
+    cfg = fold_cfg(data_root, stages="[student]", teacher_checkpoint=str(fold_run.work / "teacher" / "final.pt"),
+                   **{"student.optim.max_steps_per_epoch": 1})
+    from pcseg_kd.engine.kitti.export import export_teacher
+    export_teacher(cfg, tmp_path, DistEnv(), tmp_path / "cache", progress=False)
+    ours, theirs = tc.TeacherCache(tmp_path / "cache"), tc.TeacherCache(fold_run.work / "teacher_cache")
+    assert ours.meta["fingerprint"] == theirs.meta["fingerprint"]
+    for f, where in theirs.index.items():
+        (i1, l1), (i2, l2) = ours.rows(f, where.num_scan_points), theirs.rows(f, where.num_scan_points)
+        np.testing.assert_array_equal(i1, i2)
+        np.testing.assert_array_equal(l1, l2)
+    missing = fold_cfg(data_root, stages="[student]", teacher_checkpoint=str(tmp_path / "elsewhere" / "teacher" / "final.pt"))
+    (tmp_path / "elsewhere" / "teacher").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "teacher" / "final.pt").write_bytes((fold_run.work / "teacher" / "final.pt").read_bytes())
+    with pytest.raises(FileNotFoundError, match=r"elsewhere/teacher_fold_0/final.pt do not exist"):
+        export_teacher(missing, tmp_path, DistEnv(), tmp_path / "cache2", progress=False)

@@ -187,8 +187,6 @@ def check_teacher_fit(cfg: Dict[str, Any]) -> None:
     if cfg["teacher"].get("data"):
         raise ValueError("folds split the student's training scans; teacher.data trains the teacher on other "
                          "scans: use one or the other")
-    if cfg.get("teacher_checkpoint"):
-        raise ValueError("the fold teachers are trained here, from the teacher's settings: unset teacher_checkpoint")
     kd = cfg["distiller"].get("type") not in (None, "none")
     if "student" in cfg["stages"] and kd and cfg["distiller"].get("teacher_source", "online") != "cache":
         raise ValueError("out-of-fold targets come from the teacher cache (each scan from the fold teacher that "

@@ -119,8 +119,11 @@ def teacher_weights_path(cfg: Dict[str, Any], work_dir: Path) -> Path:
 
 
 def fold_teacher_paths(cfg: Dict[str, Any], work_dir: Path) -> List[Path]:
-    """The fold teachers' weights (``teacher.folds`` = K > 0), else []."""
-    return [Path(work_dir) / f"teacher_fold_{k}" / "final.pt" for k in range(cfg["teacher"].get("folds") or 0)]
+    """The fold teachers' weights (``teacher.folds`` = K > 0), else []: ``WORK/teacher_fold_k/final.pt``
+    of the run, or, with ``teacher_checkpoint: OTHER/teacher/final.pt``, of the run that trained
+    that teacher (``OTHER/teacher_fold_k/final.pt``)."""
+    base = Path(cfg["teacher_checkpoint"]).parent.parent if cfg.get("teacher_checkpoint") else Path(work_dir)
+    return [base / f"teacher_fold_{k}" / "final.pt" for k in range(cfg["teacher"].get("folds") or 0)]
 
 
 def load_cache_teachers(cfg: Dict[str, Any], work_dir: Path, device: torch.device) -> List[nn.Module]:

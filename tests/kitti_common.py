@@ -12,10 +12,11 @@ POINT = "{base_channels: 8, channels: [8, 8, 8, 8, 8, 8, 8, 8], layers: [1, 1, 1
 
 
 def tiny_overrides(root, student_epochs: int = 2, steps: int = 2, **extra):
-    """Dotted overrides: the quickstart on the tiny dataset at ``root`` (train 00, val 08),
+    """Dotted overrides: the quickstart on the tiny dataset at ``root`` (train 00, val 08), online teacher,
     0.2 m voxels, 8-wide students, 1 teacher epoch, ``steps`` steps per epoch, validation every
     epoch, teacher and student stages; ``extra`` keys override any of them."""
-    o = [f"data.train.root={root}", f"data.val.root={root}", "data.synthetic=null",
+    # the online teacher (the quickstart's default is the cache): tests that want the cache say so
+    o = ["distiller.teacher_source=online", f"data.train.root={root}", f"data.val.root={root}", "data.synthetic=null",
          "data.train.sequences=[00]", "data.val.sequences=[08]", "data.num_workers=0",
          "data.train.voxel_size=[0.2,0.2,0.2]", "data.val.voxel_size=[0.2,0.2,0.2]",
          f"student.model={POINT}", "teacher.optim.epochs=1", f"student.optim.epochs={student_epochs}",

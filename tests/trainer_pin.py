@@ -62,7 +62,7 @@ def pinned_run(tmp: Path):
               "threads=1"]
     env = DistEnv()
     out = {}
-    cfg = load_kitti_experiment(QUICK, common + ["stages=[teacher,baseline,student]"])
+    cfg = load_kitti_experiment(QUICK, common + ["stages=[teacher,baseline,student]", "distiller.teacher_source=online"])
     run_kitti(cfg, tmp / "online", env, progress=False)
     cfg = load_kitti_experiment(QUICK, common + ["stages=[student]", f"teacher_checkpoint={tmp / 'online/teacher/final.pt'}",
                                                  "distiller.teacher_source=cache"])

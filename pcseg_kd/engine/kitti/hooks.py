@@ -302,6 +302,7 @@ class TeacherTargetHook(Hook):
         self.counts = None
         if entry["rows"]:
             self.history = [h for h in self.history if h["epoch"] != r.epoch] + [{"epoch": r.epoch, **entry}]
+        if entry["rows"] and r.epoch == r.epochs:  # every epoch's is in metrics.json
             r.print(f"teacher targets on the distilled rows, epoch {r.epoch}: accuracy {entry['accuracy']:.2f} %, "
                     f"mIoU {entry['miou']:.2f} ({entry['rows']} rows)")
 

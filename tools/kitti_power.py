@@ -235,7 +235,7 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=8, help="confusions to list per student")
     ap.add_argument("--analyse-only", action="store_true", help="train nothing: analyse the finished seeds")
     ap.add_argument("--no-progress", action="store_true")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)  # overrides may follow the options
     if args.seeds < 2:
         raise ValueError(f"--seeds must be at least 2 (an interval needs 2; use 5 or more), got {args.seeds}")
     if not args.target > 0:

@@ -44,7 +44,7 @@ def write_table(tmp_path, root, **extra):
     return path
 
 
-def test_table_runs_each_cell_once_per_seed_and_writes_markdown(data_root, tmp_path):
+def test_table_runs_each_cell_once_per_seed_and_writes_markdown(data_root, tmp_path, capsys):
     table = load_table(str(write_table(tmp_path, data_root, seeds=[0, 1])))
     runs = cell_configs(table, tmp_path / "w")
     one_seed = [("img", "teacher"), ("fus", "teacher"), ("*", "none"), ("img", "pssm"), ("fus", "pssm")]
@@ -75,8 +75,10 @@ def test_table_runs_each_cell_once_per_seed_and_writes_markdown(data_root, tmp_p
     assert json.loads((tmp_path / "w" / "results.json").read_text()) == res
     final = tmp_path / "w" / "seed1" / "students" / "img-pssm" / "student" / "final.pt"
     stamp = final.stat().st_mtime_ns
+    capsys.readouterr()
     assert run_table(table, tmp_path / "w", DistEnv(), progress=False) == res  # finished cells are skipped
     assert final.stat().st_mtime_ns == stamp
+    assert f"resuming: 10 of 10 cells done ({tmp_path / 'w'})" in capsys.readouterr().out
 
 
 def test_every_no_kd_column_gets_its_own_run(data_root, tmp_path):

@@ -251,6 +251,8 @@ def run_study(study: Dict[str, Any], work_dir: Path, jobs: int = 1, argv_base: O
     failed: List[str] = []
     total = len(all_cells)
     print(f"shift study: {total} cells, {total - len(todo)} already done, {jobs} at a time", flush=True)
+    if len(todo) < total:
+        print(f"resuming: {total - len(todo)} of {total} cells done ({work_dir})", flush=True)
     while todo or running:
         ready = [c for c in todo if all(n in teacher_done for n in c["needs"])]
         while ready and len(running) < jobs:

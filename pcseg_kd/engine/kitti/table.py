@@ -87,6 +87,9 @@ def run_table(table: Dict[str, Any], work_dir: Path, env: DistEnv, progress: boo
 
     runs = runs if runs is not None else cell_configs(table, work_dir)
     per_seed: Dict[str, Dict[str, Dict[int, Optional[float]]]] = {row: {} for row in table["teachers"]}
+    done = sum((run["dir"] / "metrics.json").is_file() for run in runs)  # a finished cell's summary
+    if done and env.is_main:
+        print(f"resuming: {done} of {len(runs)} cells done ({work_dir})", flush=True)
     for run in runs:
         if env.is_main:
             print(f"== seed {run['seed']}: {run['row']} / {run['col']} -> {run['dir']}", flush=True)

@@ -42,6 +42,19 @@ def test_folds_are_contiguous_blocks_per_sequence_covering_every_scan_once(spec,
         assert sizes.max() - sizes.min() <= 1 or n < k              # balanced within the sequence
 
 
+def test_sequence_folds_keep_whole_sequences_together():
+    frames = frames_of({"00": 4, "01": 3, "02": 5, "05": 2})
+    folds = contiguous_folds(frames, 3, by="sequence")
+    by_seq = {}
+    for f, fold in zip(frames, folds):
+        by_seq.setdefault(f.sequence, set()).add(fold)
+    assert by_seq == {"00": {0}, "01": {1}, "02": {2}, "05": {0}}   # sorted sequences, round robin
+    with pytest.raises(ValueError, match=r"fold_by=sequence: 3 folds of 2 training sequence\(s\) \(00, 01\)"):
+        contiguous_folds(frames_of({"00": 4, "01": 4}), 3, by="sequence")
+    with pytest.raises(ValueError, match=r"teacher.fold_by must be one of \['block', 'sequence'\]"):
+        contiguous_folds(frames, 2, by="random")
+
+
 def test_fold_errors():
     with pytest.raises(ValueError, match=r"teacher.folds must be a whole number >= 2"):
         contiguous_folds(frames_of({"00": 4}), 1)
@@ -80,6 +93,7 @@ def fold_cfg(root, **extra):
     ({"teacher.folds": 1}, r"teacher.folds: must be 0 \(off\) or a whole number >= 2"),
     ({"teacher.data": "{sequences: ['08']}"}, r"teacher.folds: folds split the student's training scans"),
     ({"student.folds": 2}, r"student.folds / student.data are not used"),
+    ({"teacher.fold_by": "random"}, r"teacher.fold_by must be one of"),
 ])
 def test_fold_config_errors_name_the_key(data_root, extra, match):
     with pytest.raises(ConfigError, match=match):

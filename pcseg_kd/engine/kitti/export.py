@@ -60,8 +60,8 @@ def export_teacher(cfg: Dict[str, Any], work_dir: Path, env: DistEnv, out: Optio
     # which teacher answers for each scan: with folds, the fold teacher that did not see it
     frame_folds = None
     if cfg["teacher"].get("folds"):
-        from ...data.kitti.folds import contiguous_folds
-        frame_folds = contiguous_folds(ds.frames, cfg["teacher"]["folds"])
+        from ...data.kitti.folds import fold_assignment
+        frame_folds = fold_assignment(cfg, ds.frames)
     # one exporter per cache folder: two runs with different teachers must not both pass the
     # meta.json check and then write chunks under one meta
     with (work_dir_lock(out) if env.is_main else contextlib.nullcontext()):

@@ -88,6 +88,9 @@ class StageConfig:
     # fold k (contiguous blocks of frames per sequence), and give each scan the cached logits of
     # the fold teacher that did not see it (out-of-fold targets; 0 = off). Needs the teacher cache.
     folds: int = 0
+    # teacher only: what a fold is: "block" (contiguous frames of every sequence) or "sequence"
+    # (whole sequences: a fold teacher never sees its fold's streets)
+    fold_by: str = "block"
     # teacher only: dataset settings merged into data.train for the teacher stage alone (e.g.
     # other sequences: a held-out teacher)
     data: Optional[Dict[str, Any]] = None
@@ -182,6 +185,9 @@ def check_teacher_fit(cfg: Dict[str, Any]) -> None:
         raise ValueError("folds and data are teacher settings: student.folds / student.data are not used")
     if isinstance(folds, bool) or not isinstance(folds, int) or folds < 0 or folds == 1:
         raise ValueError(f"must be 0 (off) or a whole number >= 2, got {folds!r}")
+    from ...data.kitti.folds import FOLD_UNITS
+    if cfg["teacher"].get("fold_by", "block") not in FOLD_UNITS:
+        raise ValueError(f"teacher.fold_by must be one of {list(FOLD_UNITS)}, got {cfg['teacher']['fold_by']!r}")
     if not folds:
         return
     if cfg["teacher"].get("data"):

@@ -402,16 +402,19 @@ def fold_teacher_name(k: int) -> str:
 def train_fold_teachers(cfg: Dict[str, Any], env: DistEnv, work_dir: Path, train_ds, val_ds, progress: bool,
                         class_weights) -> Dict[str, Dict[str, Any]]:
     """``teacher.folds = K``: K teachers with the teacher's settings, fold teacher k trained on
-    every training scan outside fold k (:func:`pcseg_kd.data.kitti.folds.contiguous_folds`),
+    every training scan outside fold k (:func:`pcseg_kd.data.kitti.folds.contiguous_folds`: blocks of
+    frames, or whole sequences with ``teacher.fold_by: sequence``),
     each a resumable stage of its own in ``WORK/teacher_fold_k/``; the teacher cache gives
     each scan the logits of the one that did not see it. Returns {name: final validation}."""
-    from ...data.kitti.folds import FrameSubset, contiguous_folds, folds_digest
+    from ...data.kitti.folds import FrameSubset, fold_assignment, folds_digest
     k_folds = cfg["teacher"]["folds"]
-    folds = contiguous_folds(train_ds.frames, k_folds)
+    folds = fold_assignment(cfg, train_ds.frames)
     out = {}
     for k in range(k_folds):
         subset = FrameSubset(train_ds, [i for i, f in enumerate(folds) if f != k])
         fold = {"k": k, "folds": k_folds, "frame_folds_sha256": folds_digest(folds)}
+        if cfg["teacher"].get("fold_by", "block") != "block":  # only where set: block-fold checkpoints still resume
+            fold["by"] = cfg["teacher"]["fold_by"]
         out[fold_teacher_name(k)] = train_stage("teacher", cfg, env, work_dir, subset, val_ds, progress, class_weights,
                                                 name=fold_teacher_name(k), fold=fold).metrics
     return out

@@ -110,6 +110,13 @@ def test_teacher_data_with_an_unknown_key_is_refused(data_root):
 def fold_run(data_root, tmp_path_factory):
     """teacher + 2 fold teachers + cached student; the frames each fold teacher trained on."""
     work = tmp_path_factory.mktemp("fold_run")
+    cfg = fold_cfg(data_root, **{"teacher.optim.max_steps_per_epoch": 0, "student.optim.max_steps_per_epoch": 0})
+    seen = run_recording_frames(cfg, work)
+    return SimpleNamespace(cfg=cfg, work=work, seen=seen)
+
+
+def run_recording_frames(cfg, work):
+    """Run the experiment; {stage name: the frame ids its training steps received}."""
     seen = {}
     real = kitti_runner.StageRunner.train_step
 
@@ -117,14 +124,13 @@ def fold_run(data_root, tmp_path_factory):
         seen.setdefault(self.name, set()).update(batch["frame_ids"])
         return real(self, batch)
 
-    cfg = fold_cfg(data_root, **{"teacher.optim.max_steps_per_epoch": 0, "student.optim.max_steps_per_epoch": 0})
     mp = pytest.MonkeyPatch()
     mp.setattr(kitti_runner.StageRunner, "train_step", spy)
     try:
         kt.run_kitti(cfg, work, DistEnv(), progress=False)
     finally:
         mp.undo()
-    return SimpleNamespace(cfg=cfg, work=work, seen=seen)
+    return seen
 
 
 @needs_spconv
@@ -229,19 +235,7 @@ def test_held_out_teacher_trains_on_its_own_data(data_root, tmp_path):
     cfg = load_kitti_experiment(QUICK, tiny_overrides(data_root, stages="[teacher]", threads=1,
                                                       **{"teacher.data": "{sequences: ['08']}",
                                                          "teacher.loss.class_weights": "frequency"}))
-    seen = set()
-    real = kitti_runner.StageRunner.train_step
-
-    def spy(self, batch):
-        seen.update(batch["frame_ids"])
-        return real(self, batch)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(kitti_runner.StageRunner, "train_step", spy)
-    try:
-        kt.run_kitti(cfg, tmp_path, DistEnv(), progress=False)
-    finally:
-        mp.undo()
+    seen = run_recording_frames(cfg, tmp_path)["teacher"]
     assert seen and all(f.startswith("08/") for f in seen)
     fp = ckpt.load_checkpoint(tmp_path / "teacher" / "final.pt")["fingerprint"]
     assert fp["train"]["sequences"] == ["08"]

@@ -199,3 +199,39 @@ def test_wandb_settings_are_checked(data_root):
         baseline_cfg(data_root, **{"wandb": "{projekt: x}"})
     with pytest.raises(ConfigError, match=r"wandb.*mode must be"):
         baseline_cfg(data_root, **{"wandb": "{mode: sometimes}"})
+
+
+def test_per_step_hooks_do_not_sync_with_the_host():
+    """The hooks that act on every step (epoch mean losses, teacher-target counts) only queue
+    device work: no value is read on the host until the epoch ends."""
+    from types import SimpleNamespace
+
+    from pcseg_kd.distill.dkd_pssm import DKDPSSM
+    from pcseg_kd.engine.kitti.hooks import EpochLossHook, TeacherTargetHook, target_scores
+    from pcseg_kd.utils.sync_guard import forbid_host_sync
+
+    g = torch.Generator().manual_seed(0)
+    P, K, C = 300, 80, 19
+    labels = torch.randint(0, C, (P,), generator=g)
+    labels[::7] = 255
+    idx = torch.randperm(P, generator=g)[:K]
+    env = DistEnv()
+    r = SimpleNamespace(env=env, device=env.device, stage="student", model=SimpleNamespace(num_classes=C),
+                        seg=SimpleNamespace(ignore_index=255), rows="points", teacher_rows="in_view",
+                        distiller=DKDPSSM(ignore_index=255), batch={"labels": labels, "img_point_idx": idx},
+                        out={"logits": torch.randn(P, C, generator=g)},
+                        teacher_out={"logits": torch.randn(K, C, generator=g)},
+                        losses={"loss_seg": torch.tensor(1.5), "loss_kd": torch.tensor(0.25)})
+    targets, means = TeacherTargetHook(r), EpochLossHook(env)
+    with forbid_host_sync():
+        for _ in range(2):
+            targets.after_step(r)
+            means.after_step(r)
+    # what was counted: the teacher's argmax against the labels on the in-view rows, twice
+    want = torch.zeros(C, C, dtype=torch.int64)
+    for t, y in zip(r.teacher_out["logits"].argmax(1).tolist(), labels[idx].tolist()):
+        if y != 255:
+            want[y, t] += 2
+    assert torch.equal(targets.counts[:-1].reshape(C, C), want)
+    assert target_scores(want)["rows"] == int((labels[idx] != 255).sum()) * 2
+    assert torch.equal(means.sums, torch.tensor([3.0, 0.5])) and means.steps == 2

@@ -30,7 +30,6 @@ class ProgressHook(Hook):
 
     def before_epoch(self, r: StageRunner) -> None:
         from tqdm import tqdm
-        r.epoch_t0 = time.perf_counter()
         self.bar = tqdm(total=r.steps, initial=r.first_step, desc=f"[{r.name}] epoch {r.epoch}/{r.epochs}",
                         disable=not (r.progress and r.env.is_main and sys.stderr.isatty()), dynamic_ncols=True)
 
@@ -43,7 +42,6 @@ class ProgressHook(Hook):
 
     def after_epoch(self, r: StageRunner) -> None:
         self.bar.close()
-        r.epoch_seconds = time.perf_counter() - r.epoch_t0
 
 
 class StepCallbackHook(Hook):

@@ -21,8 +21,9 @@ rank at each checkpoint, so it may use collectives) and gets it back in ``load_s
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +44,7 @@ class StageRunner:
     def __init__(self, stage: str, cfg: Dict[str, Any], env: DistEnv, stage_dir: Path, *, model: nn.Module,
                  optim_cfg, opt: torch.optim.Optimizer, sched, scaler, params: List[Tensor], seg, distiller,
                  teacher: Optional[nn.Module], train_ds, val_ds, steps: int, fingerprint: Dict[str, Any],
-                 hooks: Sequence[Hook] = (), progress: bool = True, name: Optional[str] = None):
+                 progress: bool = True, name: Optional[str] = None):
         self.stage, self.cfg, self.env, self.stage_dir = stage, cfg, env, Path(stage_dir)
         self.name = name or stage  # what messages call it: teacher_fold_k for a fold teacher
         self.model, self.optim_cfg, self.opt, self.sched, self.scaler = model, optim_cfg, opt, sched, scaler
@@ -55,7 +56,7 @@ class StageRunner:
         self.epochs = optim_cfg.epochs
         self.rows = rows_of(model)
         self.teacher_rows = rows_of(teacher) if teacher is not None else self.rows
-        self.hooks: List[Hook] = sorted(hooks, key=lambda h: h.priority)
+        self.hooks: List[Hook] = []  # :meth:`register`
         # position: the next step to run is (epoch, step_in_epoch + 1)
         self.epoch, self.start_step, self.global_step = 1, 0, 0
         self.step_in_epoch = 0
@@ -74,6 +75,10 @@ class StageRunner:
         self.final = self.stage_dir / "final.pt"
 
     # ------------------------------------------------------------------------- hooks
+    def register(self, hooks: Sequence[Hook]) -> None:
+        """Add hooks; each call point runs them in priority order (lower first)."""
+        self.hooks = sorted(self.hooks + list(hooks), key=lambda h: h.priority)
+
     def call(self, name: str, *args) -> None:
         for hook in self.hooks:
             getattr(hook, name)(self, *args)
@@ -178,6 +183,7 @@ class StageRunner:
             self.train_ds.set_epoch(epoch)
             self.train_sampler.set_epoch(epoch, first)
             loader = make_loader(self.train_ds, self.train_sampler, self.cfg["data"]["num_workers"], self.device)
+            self.epoch_t0 = time.perf_counter()
             self.call("before_epoch")
             for step_in_epoch, batch in enumerate(loader, start=first + 1):
                 if step_in_epoch > self.steps:
@@ -187,6 +193,7 @@ class StageRunner:
                 self.train_step(batch)
                 self.global_step += 1
                 self.call("after_step")
+            self.epoch_seconds = time.perf_counter() - self.epoch_t0
             self.call("after_epoch")
         self.call("after_train")
         if self.env.is_main:
@@ -284,5 +291,3 @@ def make_val_loader(val_ds, batch_size: int, cfg: Dict[str, Any], env: DistEnv):
     sampler = ShardedBatchSampler(len(val_ds), batch_size, False, cfg["seed"], env, drop_last=False)
     return make_loader(val_ds, sampler, cfg["data"]["num_workers"], env.device)
 
-
-CallbackFn = Callable[[int], None]

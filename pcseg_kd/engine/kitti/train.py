@@ -202,8 +202,7 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
                          sched=build_scheduler(opt, o, steps), scaler=torch.amp.GradScaler("cuda", enabled=use_amp),
                          params=params, seg=seg, distiller=distiller, teacher=teacher, train_ds=train_ds,
                          val_ds=val_ds, steps=steps, fingerprint=fingerprint, progress=progress)
-    runner.hooks = default_hooks(runner, on_step) + list(hooks)
-    runner.hooks.sort(key=lambda h: h.priority)
+    runner.register(default_hooks(runner, on_step) + list(hooks))
     runner.restore()  # from last.pt, when a killed run left one
     if env.is_main:
         print(start_banner(runner, cached_kd, work_dir), flush=True)

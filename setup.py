@@ -20,6 +20,7 @@ setup(
         "matplotlib>=3.6",
         "pillow>=9",
         "opencv-python-headless>=4.5",  # reads the KITTI camera images (and writes the synthetic ones)
+        "submitit>=1.5",  # a study's cells as local processes or SLURM jobs (tools/kitti_table.py)
     ],
     extras_require={
         "triton": ["triton>=3.0"],

@@ -364,6 +364,21 @@ def test_a_tiny_study_through_local_and_debug_executors_gives_the_same_figures(t
     assert "fusion-d1-oof-dkd_pssm seed 0: mIoU in view" in r.stdout and "teacher targets on the distilled rows" in r.stdout
     r = run_tool(cfg, "--work-dir", work, "--gather")
     assert r.returncode == 0 and timeless(json.loads((work / "records.json").read_text())) == timeless(recs)
+    # the Ω picture of a training frame: the targets the student distilled there
+    from pcseg_kd.data.kitti.folds import fold_assignment
+    from pcseg_kd.engine.kitti.schema import load_kitti_experiment
+    vis = [sys.executable, str(ROOT / "tools/visualize_kitti.py"), "--frame", "00/000003"]
+    from pcseg_kd.engine.kitti.export import export_dataset_cfg
+    from pcseg_kd.registry import DATASETS
+    cfg_oof = load_kitti_experiment(str(cell / "config.yaml"))
+    frames = DATASETS.build(export_dataset_cfg(cfg_oof)).frames
+    k = fold_assignment(cfg_oof, frames)[[f.frame_id for f in frames].index("00/000003")]
+    out = subprocess.run(vis + ["--pair", str(cell), "--out", str(tmp_path / "oof.png")], capture_output=True, text=True)
+    assert out.returncode == 0 and f"(training frame, out-of-fold teacher {k})" in out.stdout, out.stderr
+    ins = work / "students/seed0/fusion-d1-insample-dkd_pssm"
+    out = subprocess.run(vis + ["--pair", str(ins), "--out", str(tmp_path / "ins.png")], capture_output=True, text=True)
+    assert out.returncode == 0 and "(training frame, in-sample teacher)" in out.stdout, out.stderr
+    assert (tmp_path / "oof.png").stat().st_size > 1000 and (tmp_path / "ins.png").stat().st_size > 1000
 
 
 def test_cli_errors_name_the_cell_or_the_option(tmp_path):

@@ -7,14 +7,16 @@
 
     python tools/visualize_kitti.py --work-dir work_dirs/kitti/quickstart --frame 08/000002   # the run's dataset
     python tools/visualize_kitti.py --pair work_dirs/kitti/quickstart --frame 08/000004
-    python tools/visualize_kitti.py --pair work_dirs/shift_study/students/seed0/fusion-d1-dkd_pssm --frame 08/000004
+    python tools/visualize_kitti.py --pair work_dirs/shift_study/students/seed0/fusion-d1-oof-dkd_pssm --frame 08/000004
 
 ``--work-dir WORK``: the dataset root and label map come from WORK/config.yaml, the config
 tools/train.py saved (--root and --label-map win). ``--pair WORK`` (a distilled student's work
 folder: a tools/train.py folder holding teacher/ and student/, or a shift-study cell whose
-config names teacher_checkpoint): PSSM's mask Ω on one validation frame's in-view points over
-the image the teacher sees, beside where the teacher and the student are wrong (the dataset
-and both models come from WORK/config.yaml).
+config names teacher_checkpoint): PSSM's mask Ω on one frame's in-view points over the image
+the teacher sees, beside where the teacher and the student are wrong (the dataset and both
+models come from WORK/config.yaml). A validation frame is scored with the run's teacher; a
+training frame with the teacher whose targets the student distilled on it: the teacher itself
+(in sample) or, with teacher.folds, the fold teacher that never saw the frame (out of fold).
 Predictions are the files tools/test.py --predictions writes (raw label ids). The PNG needs
 only matplotlib; --open3d needs the optional extra (pip install 'pcseg_kd[vis]').
 A bad input file is one ``error: ...`` line naming it (exit status 1); --debug shows the traceback.
@@ -118,7 +120,6 @@ def draw_omega(args):
     from pcseg_kd.engine.kitti.teacher import load_frozen, teacher_weights_path
     from pcseg_kd.engine.runner import import_all
     from pcseg_kd.losses.pssm import pssm_config
-    from pcseg_kd.registry import DATASETS
     from pcseg_kd.vis import render_omega
 
     import_all()
@@ -135,26 +136,51 @@ def draw_omega(args):
                          f"with its teacher (teacher/final.pt there, or teacher_checkpoint in {cfg_file})")
     pssm = dict(cfg["distiller"].get("pssm") or {"preset": "reference", "space": "probs"})
     pssm_cfg = pssm_config(pssm.pop("preset", "reference"), **pssm)
-    val_cfg = dict(cfg["data"]["val"], **({"root": args.root} if args.root else {}))
-    ds = DATASETS.build({**val_cfg, "frame_stride": 1, "max_frames": None})
-    ids = [f.frame_id for f in ds.frames]
+    ds, index, teacher_file, which = pair_frame(cfg, cell, args, teacher_file)
     want = args.frame.replace("/", "_")
-    match = [i for i, fid in enumerate(ids) if fid.replace("/", "_") == want]
-    if not match:
-        raise SystemExit(f"error: --frame {args.frame} is not a validation frame of {val_cfg['root']} "
-                         f"(e.g. {', '.join(ids[:3])})")
     device = torch.device("cpu")
     student = load_frozen(student_file, cfg["student"]["model"], device, "student.model")
     teacher = load_frozen(teacher_file, cfg["teacher"]["model"], device, "teacher.model")
-    batch = collate_kitti([ds[match[0]]])
+    batch = collate_kitti([ds[index]])
     out = frame_omega(student, teacher, batch, pssm_cfg, ds.ignore_index)
     image = batch["images"][0].permute(1, 2, 0).numpy() * np.array(IMAGENET_STD) + np.array(IMAGENET_MEAN)
     png = Path(args.out or f"omega_{cell.name}_{want}.png")
     render_omega(image, batch["img_pixel_vu"].numpy(), out["omega"].numpy(), out["labels"].numpy(),
                  out["teacher_pred"].numpy(), out["student_pred"].numpy(), png,
-                 title=f"{cell.name} ({cell.parent.name}), frame {args.frame}", ignore_index=ds.ignore_index)
-    print(f"wrote {png}")
+                 title=f"{cell.name} ({cell.parent.name}), frame {args.frame}, {which}", ignore_index=ds.ignore_index)
+    print(f"wrote {png} ({which})")
     return 0
+
+
+def pair_frame(cfg, cell: Path, args, teacher_file: Path):
+    """(dataset, index of --frame, the teacher whose targets that frame was distilled from, its
+    description). A validation frame: the run's teacher. A training frame: the targets the
+    student was distilled towards on it: the teacher's own (in sample) or, with
+    ``teacher.folds``, the fold teacher that never saw the frame (out of fold)."""
+    from pcseg_kd.data.kitti.folds import fold_assignment
+    from pcseg_kd.engine.kitti.export import export_dataset_cfg
+    from pcseg_kd.engine.kitti.teacher import fold_teacher_paths
+    from pcseg_kd.registry import DATASETS
+
+    want = args.frame.replace("/", "_")
+    root = {"root": args.root} if args.root else {}
+    val = DATASETS.build({**cfg["data"]["val"], **root, "frame_stride": 1, "max_frames": None})
+    ids = [f.frame_id.replace("/", "_") for f in val.frames]
+    if want in ids:
+        return val, ids.index(want), teacher_file, "validation frame, the teacher"
+    train = DATASETS.build({**export_dataset_cfg(cfg), **root})
+    ids = [f.frame_id.replace("/", "_") for f in train.frames]
+    if want not in ids:
+        raise SystemExit(f"error: --frame {args.frame} is neither a validation nor a training frame of "
+                         f"{cfg['data']['val'].get('root')} (e.g. {', '.join(f.frame_id for f in val.frames[:3])})")
+    index = ids.index(want)
+    folds = fold_teacher_paths(cfg, cell)
+    if not folds:
+        return train, index, teacher_file, "training frame, in-sample teacher"
+    k = fold_assignment(cfg, train.frames)[index]
+    if not folds[k].is_file():
+        raise SystemExit(f"error: {folds[k]} does not exist: the fold teacher of training frame {args.frame}")
+    return train, index, folds[k], f"training frame, out-of-fold teacher {k}"
 
 
 if __name__ == "__main__":

@@ -230,8 +230,9 @@ def test_run_cells_respects_needs_and_jobs_resumes_and_blocks_after_a_failure(tm
 
         def work():
             running.discard((c["name"], c["seed"]))
-            if c["name"] == "teacher-b":
-                raise RuntimeError("boom\nCUDA out of memory")
+            if c["name"] == "teacher-b":  # submitit's message: the job's traceback, then its logs
+                raise RuntimeError("Job (task=0) failed\nTraceback (most recent call last):\n  File x\n"
+                                   "torch.OutOfMemoryError: CUDA out of memory\n\nYou can check full logs at: - x.err")
             c["dir"].mkdir(exist_ok=True)
             out = {"name": c["name"], "kind": "cache" if c["kind"] == "cache" else "teacher", "seed": c["seed"],
                    "cache": "x", "seconds": 1.0, "in_view": 1.0}
@@ -244,7 +245,7 @@ def test_run_cells_respects_needs_and_jobs_resumes_and_blocks_after_a_failure(tm
     assert peak[0] <= 2
     assert set(started) == {("teacher-a", 0), ("teacher-b", 0), ("cache-a", 0), ("a-kd", 0), ("a-kd", 1)}
     assert failed == ["teacher-b", "none seed 0", "b-kd seed 0"]  # the failure, then what needed it
-    assert any("FAILED teacher-b: CUDA out of memory" in s for s in lines)
+    assert any("FAILED teacher-b: torch.OutOfMemoryError: CUDA out of memory (log: in this process)" in s for s in lines)
     assert any(s.startswith("  not run (2 cells need a failed cell)") for s in lines)
     lines.clear()
     started.clear()
@@ -393,3 +394,9 @@ def test_cli_errors_name_the_cell_or_the_option(tmp_path):
     assert r.returncode == 1 and "not among the study's teachers ['fusion']" in r.stderr
     r = run_tool(ROOT / "configs/kitti/quickstart.yaml", "--work-dir", tmp_path / "w")
     assert r.returncode == 1 and "is not a study config" in r.stderr
+    # Table 6 on real data, whose root is missing: one error before any job, naming the root
+    missing = tmp_path / "no_kitti"
+    r = run_tool(ROOT / "configs/kitti/table6.yaml", f"overrides=[data.train.root={missing},data.val.root={missing}]",
+                 "--work-dir", tmp_path / "t6")
+    assert r.returncode == 1 and f"{missing}/sequences: dataset root has no sequences/ folder" in r.stderr
+    assert not (tmp_path / "t6" / "submitit").exists()

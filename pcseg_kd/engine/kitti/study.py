@@ -382,12 +382,21 @@ def cell_lines(cell_out: Dict[str, Any]) -> List[str]:
 
 
 def generate_data(all_cells: List[Dict[str, Any]]) -> None:
-    """Each D's synthetic dataset, before any cell runs (cells side by side must not race to it)."""
+    """Each D's synthetic dataset, before any cell runs (cells side by side must not race to
+    it); then every dataset the cells read is opened once, so that a missing or damaged root
+    fails here, naming it, rather than in every job."""
+    from ...registry import DATASETS
     from ..distributed import DistEnv
     from .data import generate_synthetic_if_missing
 
     env = DistEnv()
+    seen = set()
     for c in all_cells:
         if c["kind"] == "teacher":
             data = c["cfg"]["data"]
             generate_synthetic_if_missing([data["train"]["root"], data["val"]["root"]], data.get("synthetic"), env)
+            for split in ("train", "val"):
+                key = repr(sorted(data[split].items()))
+                if key not in seen:
+                    seen.add(key)
+                    DATASETS.build(data[split])

@@ -11,6 +11,7 @@ killed cell, inside itself, from its last checkpoint).
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
@@ -89,8 +90,7 @@ def run_cells(all_cells: List[Dict[str, Any]], submit: Callable[[Dict[str, Any]]
                 out = job.result()
             except Exception as e:  # the job's own traceback is in its log
                 failed.append(describe(c))
-                log(f"  FAILED {describe(c)}: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-                    f" (log: {job_log(job)})")
+                log(f"  FAILED {describe(c)}: {failure_line(e)} (log: {job_log(job)})")
                 continue
             done_count += 1
             if c["kind"] in ("teacher", "cache"):
@@ -102,6 +102,14 @@ def run_cells(all_cells: List[Dict[str, Any]], submit: Callable[[Dict[str, Any]]
         log(f"  not run ({len(blocked)} cells need a failed cell): {', '.join(blocked[:8])}"
             + (" ..." if len(blocked) > 8 else ""))
     return failed + blocked
+
+
+def failure_line(error: BaseException) -> str:
+    """The job's own error (``KittiDataError: ...``) out of submitit's message, which carries the
+    job's traceback followed by where its logs are."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    raised = [line for line in lines if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)\b", line)]
+    return raised[-1] if raised else (lines[0] if lines else type(error).__name__)
 
 
 def job_log(job) -> str:

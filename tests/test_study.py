@@ -400,3 +400,21 @@ def test_cli_errors_name_the_cell_or_the_option(tmp_path):
                  "--work-dir", tmp_path / "t6")
     assert r.returncode == 1 and f"{missing}/sequences: dataset root has no sequences/ folder" in r.stderr
     assert not (tmp_path / "t6" / "submitit").exists()
+
+
+def test_ctrl_c_cancels_the_running_cells(tmp_path):
+    from pcseg_kd.engine.kitti.study_submit import run_cells
+    cancelled = []
+
+    class Interrupted(FakeJob):
+        def done(self):
+            raise KeyboardInterrupt
+
+        def cancel(self):
+            cancelled.append(self.args[0])
+
+    lines = []
+    with pytest.raises(KeyboardInterrupt):
+        run_cells(fake_cells(tmp_path), lambda c: Interrupted(None, (c["name"],), None), jobs=2, log=lines.append,
+                  poll_seconds=0)
+    assert cancelled == ["teacher-a", "teacher-b"] and lines == ["  interrupted: 2 running cells cancelled; rerun to resume"]

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .study import describe, is_done
+from .study import cell_lines, describe, is_done
 
 EXECUTORS = ("local", "slurm", "debug")
 
@@ -66,12 +66,31 @@ def run_cells(all_cells: List[Dict[str, Any]], submit: Callable[[Dict[str, Any]]
     wait for them. Returns the failed cells (their dependents are not run)."""
     todo = [c for c in all_cells if not is_done(c)]
     finished = {c["name"] for c in all_cells if c["kind"] in ("teacher", "cache") and is_done(c)}
-    total, t0 = len(all_cells), time.perf_counter()
+    total = len(all_cells)
     done_count = total - len(todo)
     if done_count:
         log(f"resuming: {done_count} of {total} cells done")
     running: List[tuple] = []
     failed: List[str] = []
+    try:
+        _schedule(todo, finished, running, failed, submit, jobs, log, poll_seconds, done_count, total)
+    except KeyboardInterrupt:  # Ctrl-C: the running cells stop too (each resumes from its last checkpoint)
+        for _, job in running:
+            try:
+                job.cancel()
+            except Exception:  # noqa: BLE001 - a job that already ended
+                pass
+        log(f"  interrupted: {len(running)} running cells cancelled; rerun to resume")
+        raise
+    blocked = [describe(c) for c in todo]
+    if blocked:
+        log(f"  not run ({len(blocked)} cells need a failed cell): {', '.join(blocked[:8])}"
+            + (" ..." if len(blocked) > 8 else ""))
+    return failed + blocked
+
+
+def _schedule(todo, finished, running, failed, submit, jobs, log, poll_seconds, done_count, total) -> None:
+    t0 = time.perf_counter()
     while todo or running:
         ready = [c for c in todo if all(n in finished for n in c["needs"])]
         while ready and len(running) < jobs:
@@ -95,13 +114,7 @@ def run_cells(all_cells: List[Dict[str, Any]], submit: Callable[[Dict[str, Any]]
             done_count += 1
             if c["kind"] in ("teacher", "cache"):
                 finished.add(c["name"])
-            from .study import cell_lines
             log(f"  [{done_count}/{total}, {(time.perf_counter() - t0) / 60:.1f} min] " + cell_lines(out)[0])
-    blocked = [describe(c) for c in todo]
-    if blocked:
-        log(f"  not run ({len(blocked)} cells need a failed cell): {', '.join(blocked[:8])}"
-            + (" ..." if len(blocked) > 8 else ""))
-    return failed + blocked
 
 
 def failure_line(error: BaseException) -> str:

@@ -363,8 +363,15 @@ def test_a_tiny_study_through_local_and_debug_executors_gives_the_same_figures(t
     for key in ("in_view", "all", "iou_in_view", "omega_last_epoch", "teacher_targets", "output_cmd"):
         assert after[key] == before[key], key
     assert "fusion-d1-oof-dkd_pssm seed 0: mIoU in view" in r.stdout and "teacher targets on the distilled rows" in r.stdout
+    # a no-KD cell without its CMD to a teacher (run in a subset before that teacher): computed, the same value
+    base_json = work / "students/seed0/none/cell.json"
+    base = json.loads(base_json.read_text())
+    cmd = base["output_cmd"].pop("fusion-d1")
+    base_json.write_text(json.dumps(base))
     r = run_tool(cfg, "--work-dir", work, "--gather")
-    assert r.returncode == 0 and timeless(json.loads((work / "records.json").read_text())) == timeless(recs)
+    assert r.returncode == 0 and "computed 1 output CMDs of no-KD students" in r.stdout
+    assert json.loads(base_json.read_text())["output_cmd"]["fusion-d1"] == cmd
+    assert timeless(json.loads((work / "records.json").read_text())) == timeless(recs)
     # the Ω picture of a training frame: the targets the student distilled there
     from pcseg_kd.data.kitti.folds import fold_assignment
     from pcseg_kd.engine.kitti.schema import load_kitti_experiment
@@ -444,3 +451,29 @@ def test_gather_of_a_study_run_in_parts_leaves_out_whole_groups_only(tmp_path, c
     finish("a-dkd0")  # one seed of a-dkd: its mean would be over fewer seeds than the study's
     with pytest.raises(SystemExit, match=r"first: a-dkd seed 1.*whole groups of cells only"):
         tool.cells_to_gather(all_cells, partial_ok=True)
+
+
+def test_the_committed_shift_study_records_hold_five_seeds_per_cell_and_their_intervals():
+    """docs/results/kitti_shift_study.json (version 2): every (teacher, D, fit, method) cell
+    that ran has at least 5 seeds, paired to the no-KD student of the same seed, and each
+    record's delta_ci95 is the t-interval of its cell's per-seed differences (recomputed here
+    with scipy's t quantile, independently of pcseg_kd.metrics.paired)."""
+    from scipy import stats
+
+    records = json.loads((ROOT / "docs/results/kitti_shift_study.json").read_text())
+    groups = {}
+    for r in records:
+        groups.setdefault((r["teacher"], r["degradation"], r["teacher_fit"], r["method"]), []).append(r)
+    assert {k[2] for k in groups} == {"in_sample", "out_of_fold"} and {k[1] for k in groups} >= {0.0, 1.0}
+    baseline = {r["seed"]: r["baseline_in_view"] for r in records}
+    for key, rs in groups.items():
+        seeds = sorted(r["seed"] for r in rs)
+        assert len(seeds) >= 5 and len(set(seeds)) == len(seeds), key
+        if key[3] == "none":
+            assert all(r["student_in_view"] == baseline[r["seed"]] and r["delta_ci95"] is None for r in rs)
+            continue
+        d = np.array([r["student_in_view"] - baseline[r["seed"]] for r in rs])
+        half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / len(d) ** 0.5
+        for r in rs:
+            assert r["delta_ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=1e-9), key
+        assert all(0 <= r["teacher_target_accuracy"] <= 100 for r in rs)

@@ -45,7 +45,8 @@ def study_options(p):
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=study_options)
     from pcseg_kd.data.kitti.errors import KittiDataError
-    from pcseg_kd.engine.kitti.study import cell_lines, cells, find_cell, load_study, run_cell, subset
+    from pcseg_kd.engine.kitti.study import (cell_lines, cells, complete_baseline_cmds, find_cell, load_study,
+                                             run_cell, subset)
     from pcseg_kd.engine.kitti.study_report import gather
     from pcseg_kd.engine.kitti.train import ResumeMismatch
     from pcseg_kd.engine.runner import experiment_kind
@@ -72,7 +73,11 @@ def main(argv=None):
         seconds = None
         if not args.gather:
             seconds = run(args, study, all_cells, work_dir)
-        gather(study, work_dir, cells_to_gather(all_cells, args.gather), seconds)
+        todo = cells_to_gather(all_cells, args.gather)
+        added = complete_baseline_cmds(todo, study)
+        if added:
+            print(f"computed {added} output CMDs of no-KD students to teachers trained after them", flush=True)
+        gather(study, work_dir, todo, seconds)
     except (KittiDataError, FileNotFoundError, ResumeMismatch, RuntimeError) as e:
         raise SystemExit(f"error: {e}")
     print((work_dir / "results.md").read_text())

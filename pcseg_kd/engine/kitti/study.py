@@ -326,6 +326,29 @@ def run_cell(cell: Dict[str, Any], all_cells: List[Dict[str, Any]], study: Dict[
     return out
 
 
+def complete_baseline_cmds(all_cells: List[Dict[str, Any]], study: Dict[str, Any]) -> int:
+    """A no-KD cell run as part of a subset (``--only``) knows its CMD to that subset's teachers
+    only: add the CMD to every other teacher of the study that is done (its cell.json is
+    rewritten). Returns how many CMDs were computed."""
+    import torch
+
+    teachers = [c for c in all_cells if c["kind"] == "teacher" and is_done(c)]
+    added = 0
+    for cell in all_cells:
+        if cell["kind"] != "baseline" or not is_done(cell):
+            continue
+        out = read_json(cell["dir"] / "cell.json")
+        missing = [t for t in teachers if t["name"][len("teacher-"):] not in out.get("output_cmd", {})]
+        if missing and cell["cfg"].get("threads"):  # as in the cell's own run: the same figures, bitwise
+            torch.set_num_threads(cell["cfg"]["threads"])
+        for t in missing:
+            out["output_cmd"][t["name"][len("teacher-"):]] = cell_cmd(cell, t, study, torch.device("cpu"))
+            added += 1
+        if missing:
+            write_json(cell["dir"] / "cell.json", out)
+    return added
+
+
 def export_cache(cell: Dict[str, Any], env, progress: bool) -> Dict[str, Any]:
     """The teacher cache the cell's students read (resuming a killed export)."""
     from .export import export_teacher

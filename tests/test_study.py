@@ -96,6 +96,11 @@ def test_a_subset_keeps_the_whole_studys_names_and_folders(tmp_path):
         ref = whole[(c["name"], c["seed"])]
         assert c["dir"] == ref["dir"] and c["cfg"] == ref["cfg"] or c["kind"] == "baseline"
     assert {c["method"] for c in part if c["kind"] != "teacher" and c["method"]} == {"none", "kd", "kd_pssm"}
+    # a no-KD control under another name is kept too
+    renamed = load(overrides=["methods={_delete_: true, control: ['distiller={_delete_: true, type: none}'], kd: [], "
+                              "dkd: ['distiller={_delete_: true, type: dkd, teacher_source: cache}']}"], only=["methods=kd"])
+    got = {(c["kind"], c["method"]) for c in cells(renamed, tmp_path) if c["kind"] in ("baseline", "student")}
+    assert got == {("baseline", "control"), ("student", "kd")}
 
 
 @pytest.mark.parametrize("override, message", [

@@ -122,7 +122,7 @@ SUBSET_AXES = ("teachers", "degradations", "fits", "methods", "seeds")
 def subset(study: Dict[str, Any], only: List[str]) -> Dict[str, Any]:
     """The study restricted to some values of its axes (``--only teachers=fusion --only
     seeds=0,1``): the same cells, names and folders as in the whole study, fewer of them. The
-    no-KD method is kept (every Δ is paired to it)."""
+    no-KD methods are kept whatever ``methods`` says (every Δ is paired to them)."""
     from ...config import ConfigError
 
     out = dict(study)
@@ -132,26 +132,28 @@ def subset(study: Dict[str, Any], only: List[str]) -> Dict[str, Any]:
             raise ConfigError(f"--only {item!r}: expected AXIS=V1,V2 with AXIS one of {', '.join(SUBSET_AXES)}")
         have = study[axis]
         keys = list(have) if isinstance(have, dict) else have
-        as_text = {(f"{float(k):g}" if axis == "degradations" else str(k)): k for k in keys}
+        name = (lambda v: f"{float(v):g}") if axis == "degradations" else str  # "1", "1.0" and 1.0 alike
+        by_name = {name(k): k for k in keys}
         wanted = [v.strip() for v in values.split(",")]
-        unknown = [v for v in wanted if (f"{float(v):g}" if axis == "degradations" and _is_number(v) else v) not in as_text]
+        unknown = [v for v in wanted if _safe(name, v) not in by_name]
         if unknown:
-            raise ConfigError(f"--only {item!r}: {unknown} not among the study's {axis} {list(as_text)}")
-        picked = {as_text[f"{float(v):g}" if axis == "degradations" else v] for v in wanted}
-        if isinstance(have, dict):
-            out[axis] = {k: v for k, v in have.items() if k in picked or (axis == "methods" and k == "none")}
+            raise ConfigError(f"--only {item!r}: {unknown} not among the study's {axis} {list(by_name)}")
+        picked = {by_name[name(v)] for v in wanted}
+        if axis == "methods":  # filtered in cells(), which knows which method is the no-KD control
+            out["method_filter"] = sorted(picked)
+        elif isinstance(have, dict):
+            out[axis] = {k: v for k, v in have.items() if k in picked}
         else:
             out[axis] = [k for k in have if k in picked]
     out["only"] = list(only)
     return out
 
 
-def _is_number(text: str) -> bool:
+def _safe(name, value: str) -> Optional[str]:
     try:
-        float(text)
-        return True
-    except ValueError:
-        return False
+        return name(value)
+    except ValueError:  # "x" as a degradation: unknown, reported with the others
+        return None
 
 
 def data_overrides(study: Dict[str, Any], d: Optional[float]) -> List[str]:
@@ -207,7 +209,8 @@ def cells(study: Dict[str, Any], work_dir: Path) -> List[Dict[str, Any]]:
     if not baselines:
         raise ConfigError(f"{study['config_path']}: methods: one method must be the no-KD student "
                           "(distiller={_delete_: true, type: none}), the paired control of every other")
-    distilled = [m for m in study["methods"] if m not in baselines]
+    distilled = [m for m in study["methods"] if m not in baselines
+                 and m in study.get("method_filter", study["methods"])]  # --only methods=...: the controls stay
 
     def student_cfg(t, d, fit, m, seed):
         teacher = teacher_cells[(t, d)]
@@ -383,7 +386,7 @@ def cell_cmd(student_cell: Dict[str, Any], teacher_cell: Dict[str, Any], study: 
 
 def cell_lines(cell_out: Dict[str, Any]) -> List[str]:
     """What ``--cell`` prints."""
-    what = cell_out["name"] + ("" if cell_out["kind"] in ("teacher", "cache") else f" seed {cell_out['seed']}")
+    what = describe(cell_out)
     if cell_out["kind"] == "cache":
         return [f"{what}: teacher cache {cell_out['cache']}", f"  {cell_out['seconds']:.0f} s"]
     lines = [f"{what}: mIoU in view {cell_out['in_view']:.2f}"

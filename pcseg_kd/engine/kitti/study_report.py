@@ -5,6 +5,7 @@ plot. Written to ``WORK/results.json``, ``WORK/records.json`` (the records alone
 ``docs/results/kitti_shift_study.json`` holds), ``WORK/results.md`` and ``WORK/study.png``."""
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -91,8 +92,9 @@ def gather(study: Dict[str, Any], work_dir: Path, all_cells: List[Dict[str, Any]
                "summary": summary, "pssm_effect": pssm_effect(records, types, study["metric"]), "records": records,
                "cell_seconds_total": sum(o.get("seconds") or 0.0 for o in outs.values()),
                "wall_seconds_last_run": seconds}
-    results["median_half_width"] = median([s["delta"]["half_width"] for g in summary.values() for m, s in g.items()
-                                           if types[m] != "none" and s["delta"]["half_width"] is not None])
+    halves = [s["delta"]["half_width"] for g in summary.values() for m, s in g.items()
+              if types[m] != "none" and s["delta"]["half_width"] is not None]
+    results["median_half_width"] = statistics.median(halves) if halves else None
     write_json(work_dir / "results.json", results)
     write_json(work_dir / "records.json", records)
     atomic_write_text(work_dir / "results.md", markdown(study, results, types))
@@ -100,20 +102,9 @@ def gather(study: Dict[str, Any], work_dir: Path, all_cells: List[Dict[str, Any]
     return results
 
 
-def median(values: List[float]) -> Optional[float]:
-    v = sorted(values)
-    if not v:
-        return None
-    return v[len(v) // 2] if len(v) % 2 else 0.5 * (v[len(v) // 2 - 1] + v[len(v) // 2])
-
-
 def study_command(study: Dict[str, Any]) -> str:
     return " ".join(["python tools/kitti_table.py", study["config_path"]] + study["config_overrides"]
                     + [f"--only {o}" for o in study.get("only", [])])
-
-
-def score(r: Dict[str, Any], metric: str, who: str = "student") -> Optional[float]:
-    return r[f"{who}_{metric}"]
 
 
 def pssm_effect(records: List[Dict[str, Any]], types: Dict[str, str], metric: str) -> Dict[str, Any]:
@@ -123,7 +114,7 @@ def pssm_effect(records: List[Dict[str, Any]], types: Dict[str, str], metric: st
     by_type: Dict[str, str] = {}
     for m, t in types.items():
         by_type.setdefault(t, m)
-    by = {group_key(r) + (r["method"], r["seed"]): score(r, metric) for r in records}
+    by = {group_key(r) + (r["method"], r["seed"]): r[f"student_{metric}"] for r in records}
     out: Dict[str, Any] = {}
     for g in dict.fromkeys(group_key(r) for r in records):
         for with_t, without_t in PSSM_TYPES:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-from .study import cell_lines, describe, is_done
+from .study import cell_lines, describe, is_done, once_per_study
 
 EXECUTORS = ("local", "slurm", "debug")
 
@@ -65,7 +65,7 @@ def run_cells(all_cells: List[Dict[str, Any]], submit: Callable[[Dict[str, Any]]
     """Submit every cell not yet done once the cells it needs are, at most ``jobs`` at a time;
     wait for them. Returns the failed cells (their dependents are not run)."""
     todo = [c for c in all_cells if not is_done(c)]
-    finished = {c["name"] for c in all_cells if c["kind"] in ("teacher", "cache") and is_done(c)}
+    finished = {c["name"] for c in all_cells if once_per_study(c) and is_done(c)}
     total = len(all_cells)
     done_count = total - len(todo)
     if done_count:
@@ -112,7 +112,7 @@ def _schedule(todo, finished, running, failed, submit, jobs, log, poll_seconds, 
                 log(f"  FAILED {describe(c)}: {failure_line(e)} (log: {job_log(job)})")
                 continue
             done_count += 1
-            if c["kind"] in ("teacher", "cache"):
+            if once_per_study(c):
                 finished.add(c["name"])
             log(f"  [{done_count}/{total}, {(time.perf_counter() - t0) / 60:.1f} min] " + cell_lines(out)[0])
 
@@ -134,5 +134,5 @@ def submit_with(executor, config: str, overrides: Sequence[str], work_dir: Path,
                 only: Sequence[str] = ()) -> Callable[[Dict[str, Any]], Any]:
     def submit(cell: Dict[str, Any]):
         return executor.submit(cell_job, str(config), list(overrides), str(work_dir), cell["name"],
-                               None if cell["kind"] in ("teacher", "cache") else cell["seed"], list(only))
+                               None if once_per_study(cell) else cell["seed"], list(only))
     return submit

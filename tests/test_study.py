@@ -432,11 +432,8 @@ def test_ctrl_c_cancels_the_running_cells(tmp_path):
     assert cancelled == ["teacher-a", "teacher-b"] and lines == ["  interrupted: 2 running cells cancelled; rerun to resume"]
 
 
-def test_gather_of_a_study_run_in_parts_leaves_out_whole_groups_only(tmp_path, capsys):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("tool_kitti_table", ROOT / "tools" / "kitti_table.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+def test_gather_of_a_study_run_in_parts_leaves_out_whole_groups_only(tmp_path):
+    from pcseg_kd.engine.kitti.study import cells_to_gather
     mk = lambda name, kind, method, seed: {"name": name, "kind": kind, "teacher": "a", "degradation": None,  # noqa: E731
                                            "fit": None, "method": method, "seed": seed, "dir": tmp_path / f"{name}{seed}"}
     all_cells = [mk("teacher-a", "teacher", None, 0)] + [mk("none", "baseline", "none", s) for s in (0, 1)] \
@@ -448,14 +445,14 @@ def test_gather_of_a_study_run_in_parts_leaves_out_whole_groups_only(tmp_path, c
                 c["dir"].mkdir(exist_ok=True)
                 (c["dir"] / "cell.json").write_text("{}")
     finish("teacher-a0", "none0", "none1", "a-kd0", "a-kd1")
-    got = tool.cells_to_gather(all_cells, partial_ok=True)  # a-dkd not run at all: left out
+    got, left_out = cells_to_gather(all_cells, partial_ok=True)  # a-dkd not run at all: left out
     assert [f"{c['name']}{c['seed']}" for c in got] == ["teacher-a0", "none0", "none1", "a-kd0", "a-kd1"]
-    assert "gathering 5 of 7 cells; not run, left out: a-dkd" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="7 cells are not done"):
-        tool.cells_to_gather(all_cells, partial_ok=False)  # after a run, every cell must be there
+    assert left_out == ["a-dkd"]
+    with pytest.raises(ValueError, match="2 of 7 cells are not done"):
+        cells_to_gather(all_cells, partial_ok=False)  # after a run, every cell must be there
     finish("a-dkd0")  # one seed of a-dkd: its mean would be over fewer seeds than the study's
-    with pytest.raises(SystemExit, match=r"first: a-dkd seed 1.*whole groups of cells only"):
-        tool.cells_to_gather(all_cells, partial_ok=True)
+    with pytest.raises(ValueError, match=r"first: a-dkd seed 1.*whole groups of cells only"):
+        cells_to_gather(all_cells, partial_ok=True)
 
 
 def test_the_committed_shift_study_records_hold_five_seeds_per_cell_and_their_intervals():

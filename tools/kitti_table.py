@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pcseg_kd.config import ConfigError  # noqa: E402
 from pcseg_kd.engine.runner import default_work_dir, import_all, parse_args  # noqa: E402
 
-STUDY_KINDS = ("semantickitti_study",)
+STUDY_KIND = "semantickitti_study"
 
 
 def study_options(p):
@@ -45,8 +45,8 @@ def study_options(p):
 def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=study_options)
     from pcseg_kd.data.kitti.errors import KittiDataError
-    from pcseg_kd.engine.kitti.study import (cell_lines, cells, complete_baseline_cmds, find_cell, load_study,
-                                             run_cell, subset)
+    from pcseg_kd.engine.kitti.study import (cell_lines, cells, cells_to_gather, complete_baseline_cmds, find_cell,
+                                             load_study, run_cell, subset)
     from pcseg_kd.engine.kitti.study_report import gather
     from pcseg_kd.engine.kitti.train import ResumeMismatch
     from pcseg_kd.engine.runner import experiment_kind
@@ -57,7 +57,7 @@ def main(argv=None):
         raise SystemExit(f"error: --jobs must be >= 1, got {args.jobs}")
     try:
         kind = experiment_kind(args.config, args.overrides)
-        if kind not in STUDY_KINDS:
+        if kind != STUDY_KIND:
             raise ConfigError(f"{args.config}: experiment: {kind!r} is not a study config "
                               f"(experiment: semantickitti_study); train one run with tools/train.py")
         study = subset(load_study(args.config, args.overrides), args.only)
@@ -73,42 +73,19 @@ def main(argv=None):
         seconds = None
         if not args.gather:
             seconds = run(args, study, all_cells, work_dir)
-        todo = cells_to_gather(all_cells, args.gather)
+        todo, left_out = cells_to_gather(all_cells, partial_ok=args.gather)
+        if left_out:
+            print(f"gathering {len(todo)} of {len(all_cells)} cells; not run, left out: {', '.join(left_out)}",
+                  flush=True)
         added = complete_baseline_cmds(todo, study)
         if added:
             print(f"computed {added} output CMDs of no-KD students to teachers trained after them", flush=True)
         gather(study, work_dir, todo, seconds)
-    except (KittiDataError, FileNotFoundError, ResumeMismatch, RuntimeError) as e:
+    except (KittiDataError, FileNotFoundError, ResumeMismatch, RuntimeError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     print((work_dir / "results.md").read_text())
     print(f"wrote {work_dir / 'results.md'}, {work_dir / 'results.json'}, {work_dir / 'study.png'}")
     return 0
-
-
-def cells_to_gather(all_cells, partial_ok: bool):
-    """Every cell, or with ``--gather`` the done ones when whole groups (teacher, D, fit,
-    method, every seed) are missing: a study run in parts. A group with some seeds done and
-    others not is refused: its mean and interval would be over fewer seeds than the study's."""
-    from pcseg_kd.engine.kitti.study import is_done
-
-    missing = [c for c in all_cells if not is_done(c)]
-    if not missing:
-        return all_cells
-    groups = {}
-    for c in all_cells:
-        groups.setdefault((c["kind"], c["teacher"], c["degradation"], c["fit"], c["method"]), []).append(c)
-    partial = [c for cs in groups.values() if 0 < sum(not is_done(c) for c in cs) < len(cs) for c in cs if not is_done(c)]
-    needed = [c for c in missing if c["kind"] in ("teacher", "baseline")]
-    if not partial_ok or partial or needed:
-        first = (partial or needed or missing)[0]
-        raise SystemExit(f"error: {len(missing)} of {len(all_cells)} cells are not done (first: {first['name']} seed "
-                         f"{first['seed']})" + ("; run the study first" if partial_ok else "")
-                         + (" (--gather leaves out whole groups of cells only: teacher, D, fit and method with "
-                            "all their seeds)" if partial_ok and partial else ""))
-    left_out = sorted({c["name"] for c in missing})
-    print(f"gathering {len(all_cells) - len(missing)} of {len(all_cells)} cells; not run, left out: "
-          + ", ".join(left_out), flush=True)
-    return [c for c in all_cells if is_done(c)]
 
 
 def run(args, study, all_cells, work_dir: Path) -> float:

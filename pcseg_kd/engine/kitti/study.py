@@ -280,6 +280,28 @@ def describe(cell: Dict[str, Any]) -> str:
     return cell["name"] + ("" if once_per_study(cell) else f" seed {cell['seed']}")
 
 
+def cells_to_gather(all_cells: List[Dict[str, Any]], partial_ok: bool) -> tuple:
+    """(the cells to gather, the names of the cells left out): every cell, or with
+    ``partial_ok`` (``--gather``) the done ones when whole groups (teacher, D, fit, method,
+    every seed) were not run: a study run in parts. A group with some seeds done and others
+    not is refused (ValueError): its mean and interval would be over fewer seeds than the study's."""
+    missing = [c for c in all_cells if not is_done(c)]
+    if not missing:
+        return all_cells, []
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for c in all_cells:
+        groups.setdefault((c["kind"], c["teacher"], c["degradation"], c["fit"], c["method"]), []).append(c)
+    partial = [c for cs in groups.values() if 0 < sum(not is_done(c) for c in cs) < len(cs) for c in cs if not is_done(c)]
+    needed = [c for c in missing if c["kind"] in ("teacher", "baseline")]
+    if not partial_ok or partial or needed:
+        first = (partial or needed or missing)[0]
+        raise ValueError(f"{len(missing)} of {len(all_cells)} cells are not done (first: {describe(first)})"
+                         + ("; run the study first" if partial_ok else "")
+                         + (" (--gather leaves out whole groups of cells only: teacher, D, fit and method with "
+                            "all their seeds)" if partial_ok and partial else ""))
+    return [c for c in all_cells if is_done(c)], sorted({c["name"] for c in missing})
+
+
 # ----------------------------------------------------------------------------- one cell
 def run_cell(cell: Dict[str, Any], all_cells: List[Dict[str, Any]], study: Dict[str, Any],
              progress: bool = False) -> Dict[str, Any]:

@@ -107,3 +107,51 @@ def test_dataset_correspondence_end_to_end(synth_root):
         # the voxel network sees augmented coordinates; the remission is untouched
         assert not torch.allclose(s["points"][:, :3], torch.from_numpy(scan[:, :3]))
         np.testing.assert_array_equal(s["points"][:, 3].numpy(), scan[:, 3])
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("train, crop, scale", [(True, (320, 480), 1.0), (True, (300, 1400), 0.5),
+                                               (True, None, 1.0), (False, (320, 480), 0.5)])
+def test_correspondences_without_pixels_equal_the_full_augmentation(seed, train, crop, scale):
+    """``correspondences`` (an image's size only) gives the pixels, rows kept and size of the
+    full augmentation and leaves the generator where it does, so that the point augmentation
+    drawn next is the same whether or not the image was decoded."""
+    rng = np.random.default_rng(seed)
+    h, w = int(rng.integers(300, 380)), int(rng.integers(900, 1250))
+    img = unique_colour_image(h, w)
+    vu = np.stack([rng.integers(0, h, 2000), rng.integers(0, w, 2000)], 1)
+    aug = ImageAugmentor(crop_hw=crop, crop_mode="random", flip_prob=0.5, scale=scale,
+                         brightness=0.4, contrast=0.4, saturation=0.0, train=train)
+    full_rng, size_rng = np.random.default_rng(seed + 50), np.random.default_rng(seed + 50)
+    full = aug(img, vu, full_rng)
+    only = aug.correspondences((h, w), vu, size_rng)
+    assert only.image is None and only.hw == full.image.shape[1:] == full.hw
+    np.testing.assert_array_equal(only.pixel_vu, full.pixel_vu)
+    np.testing.assert_array_equal(only.keep, full.keep)
+    assert {k: v for k, v in only.params.items() if k != "contrast_mean"} == \
+           {k: v for k, v in full.params.items() if k != "contrast_mean"}
+    assert full_rng.random() == size_rng.random()
+
+
+def test_dataset_without_pixels_is_the_dataset_but_its_images(synth_root):
+    from pcseg_kd.data.kitti import collate_kitti
+
+    ds = SemanticKITTIDataset(str(synth_root), split="train", sequences=["00"], augment=True,
+                              image_crop_hw=[200, 400], image_crop_mode="random", seed=3)
+    free = ds.without_pixels()
+    assert ds.read_pixels and not free.read_pixels  # a copy: the original still decodes
+    for epoch in range(2):
+        ds.set_epoch(epoch)
+        free.set_epoch(epoch)
+        a, b = [ds[i] for i in range(2)], [free[i] for i in range(2)]
+        for x, y in zip(a, b):
+            assert "image" in x and "image" not in y and set(x) - {"image"} == set(y)
+            for k in y:
+                if torch.is_tensor(y[k]):
+                    assert torch.equal(x[k], y[k]), k
+                else:
+                    assert x[k] == y[k], k
+        ba, bb = collate_kitti(a), collate_kitti(b)
+        assert "images" in ba and "images" not in bb and set(ba) - {"images"} == set(bb)
+        for k in ("img_point_idx", "img_pixel_vu", "img_batch_idx", "img_offsets", "image_hw", "points"):
+            assert torch.equal(ba[k], bb[k]), k

@@ -86,6 +86,25 @@ def test_unreadable_image(tmp_path):
     p = write_frame(tmp_path)
     p["image"].write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
     expect_error(dataset(tmp_path), p["image"], r"unreadable image")
+    # read without pixels (a LiDAR student): the header is checked, the body is never decoded
+    expect_error(dataset(tmp_path).without_pixels(), p["image"], r"damaged PNG: no IHDR header")
+    p["image"].write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(4) + b"IHDR" + bytes(8) + bytes(9))
+    expect_error(dataset(tmp_path).without_pixels(), p["image"], r"damaged PNG: header says 0x0 pixels")
+    p["image"].write_bytes(b"not a PNG at all")  # another format is decoded to learn its size
+    expect_error(dataset(tmp_path).without_pixels(), p["image"], r"unreadable image")
+
+
+def test_image_size_from_the_png_header_is_the_decoded_size(tmp_path):
+    import cv2
+
+    from pcseg_kd.data.kitti.reader import read_image, read_image_size
+    for i, (h, w) in enumerate([(1, 1), (94, 310), (376, 1241)]):
+        path = tmp_path / f"{i}.png"
+        cv2.imwrite(str(path), np.zeros((h, w, 3), np.uint8))
+        assert read_image_size(path) == read_image(path).shape[:2] == (h, w)
+    jpg = tmp_path / "a.jpg"
+    cv2.imwrite(str(jpg), np.zeros((5, 7, 3), np.uint8))
+    assert read_image_size(jpg) == (5, 7)
 
 
 def test_missing_or_broken_calib(tmp_path):

@@ -282,7 +282,7 @@ def test_the_slurm_executor_gets_the_config_settings_and_submits_the_cell_comman
 
         def submit(self, fn, *args):
             seen.setdefault("jobs", []).append((fn, args))
-            return FakeJob(lambda: {"name": args[3], "kind": "teacher", "seed": 0, "in_view": 1.0, "seconds": 0.0},
+            return FakeJob(lambda: {"name": args[0]["name"], "kind": "teacher", "seed": 0, "in_view": 1.0, "seconds": 0.0},
                            (), None)
 
     monkeypatch.setattr(submitit, "AutoExecutor", FakeAutoExecutor)
@@ -293,13 +293,16 @@ def test_the_slurm_executor_gets_the_config_settings_and_submits_the_cell_comman
     assert seen["params"] == {"name": "pcseg_kd-shift_study", "timeout_min": 90, "gpus_per_node": 2,
                               "cpus_per_task": 16, "mem_gb": 100, "tasks_per_node": 1, "nodes": 1,
                               "slurm_partition": "gpu", "slurm_additional_parameters": {"account": "kd"}}
-    submit = study_submit.submit_with(ex, STUDY, ["seeds=[0]"], tmp_path / "w", ["teachers=fusion"])
-    submit({"name": "fusion-d1-oof-kd", "kind": "student", "seed": 0})
-    submit({"name": "teacher-fusion-d1", "kind": "teacher", "seed": 0})
-    assert seen["jobs"] == [(study_submit.cell_job, (STUDY, ["seeds=[0]"], str(tmp_path / "w"), "fusion-d1-oof-kd", 0,
-                                                     ["teachers=fusion"])),
-                            (study_submit.cell_job, (STUDY, ["seeds=[0]"], str(tmp_path / "w"), "teacher-fusion-d1",
-                                                     None, ["teachers=fusion"]))]
+    teacher = {"name": "teacher-fusion-d1", "kind": "teacher", "seed": 0}
+    cache = {"name": "cache-fusion-d1-oof", "kind": "cache", "seed": 0}
+    student = {"name": "fusion-d1-oof-kd", "kind": "student", "seed": 0}
+    submit = study_submit.submit_with(ex, [teacher, cache, student], study)
+    submit(student)
+    submit(teacher)
+    # each job gets its cell as built here, with the once-per-study cells it may read (not the
+    # whole grid again, which each job would otherwise rebuild and validate)
+    assert seen["jobs"] == [(study_submit.cell_job, (student, [teacher, cache], study)),
+                            (study_submit.cell_job, (teacher, [cache], study))]
     with pytest.raises(ValueError, match="--executor must be one of local, slurm, debug"):
         study_submit.make_executor("kubernetes", tmp_path, study)
 

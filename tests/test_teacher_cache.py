@@ -397,3 +397,30 @@ def test_unsorted_point_indices_and_changed_scans_are_refused(data_root, teacher
     with pytest.raises(tc.TeacherCacheError, match=r"chunk_00000.json: frame 00/000002 was cached with \d+ points, "
                                                    r"its scan .*000002.bin now has"):
         tc.TeacherCache(tmp_path / "cache").check_run(ds.frames, ds.num_classes, ds.class_names)
+
+
+def test_a_cached_student_decodes_no_image_and_trains_as_if_it_did(data_root, teacher_pt, tmp_path, monkeypatch):
+    """With the teacher's rows from the cache no model in the student's steps reads pixels:
+    its datasets read image sizes only (without_pixels), and the student is bitwise the one
+    trained from datasets that decode every image (the same augmentation draws)."""
+    from pcseg_kd.data.kitti import dataset as kd_dataset
+
+    cfg = cfg_for(data_root, teacher_pt, **{"distiller.teacher_source": "cache"})
+    export_teacher(cfg, tmp_path / "cache", DistEnv(), progress=False)
+    for d in ("pixel_free", "pixels"):
+        shutil.copytree(tmp_path / "cache", tmp_path / d)
+    real = kd_dataset.read_image
+    calls = []
+    monkeypatch.setattr(kd_dataset, "read_image", lambda p: calls.append(p) or real(p))
+    kt.run_kitti(cfg, tmp_path / "pixel_free", DistEnv(), progress=False)
+    assert calls == []
+    monkeypatch.setattr(kd_dataset.SemanticKITTIDataset, "without_pixels", lambda self: self)
+    kt.run_kitti(cfg, tmp_path / "pixels", DistEnv(), progress=False)
+    assert len(calls) > 4  # this run decoded its images
+    runs = [torch.load(tmp_path / d / "student" / "final.pt", weights_only=False)["model"]
+            for d in ("pixel_free", "pixels")]
+    for k, v in runs[1].items():
+        assert torch.equal(v, runs[0][k]), k
+    scores = [json.loads((tmp_path / d / "metrics.json").read_text())["student"]
+              for d in ("pixel_free", "pixels")]
+    assert scores[0] == scores[1]

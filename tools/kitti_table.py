@@ -97,7 +97,7 @@ def run(args, study, all_cells, work_dir: Path) -> float:
     executor = make_executor(args.executor, work_dir / "submitit", study)
     print(f"study: {len(all_cells)} cells, {args.executor} executor, {jobs} at a time", flush=True)
     t0 = time.perf_counter()
-    failed = run_cells(all_cells, submit_with(executor, args.config, args.overrides, work_dir, args.only), jobs,
+    failed = run_cells(all_cells, submit_with(executor, all_cells, study), jobs,
                        log=lambda s: print(s, flush=True))
     if failed:
         raise SystemExit(f"error: {len(failed)} cells failed or could not run (first: {failed[0]}); "

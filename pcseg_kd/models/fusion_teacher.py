@@ -35,6 +35,7 @@ from .sparse.spunet import SpUNet
 @MODELS.register_module("fusion_teacher")
 class FusionTeacher(nn.Module):
     rows = "in_view"  # what the rows of ``logits`` are (the engine pairs student and teacher rows by it)
+    reads_images = True  # batch["images"] (a dataset read without_pixels() has none)
 
     def __init__(self, num_classes: int = 19, point: Optional[Dict[str, Any]] = None,
                  image: Optional[Dict[str, Any]] = None, fusion_channels: int = 128):

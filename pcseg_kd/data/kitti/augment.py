@@ -25,10 +25,11 @@ _GRAY = np.array([0.299, 0.587, 0.114], dtype=np.float32)
 
 @dataclass
 class ImageAugResult:
-    image: np.ndarray      # (3, H', W') float32, normalised
-    pixel_vu: np.ndarray   # (K', 2) int64 row, col in ``image``
-    keep: np.ndarray       # (K,) bool: which of the input in-view points are still in view
+    image: Optional[np.ndarray]  # (3, H', W') float32, normalised; None from ``correspondences``
+    pixel_vu: np.ndarray         # (K', 2) int64 row, col in the augmented image
+    keep: np.ndarray             # (K,) bool: which of the input in-view points are still in view
     params: Dict[str, float] = field(default_factory=dict)
+    hw: Tuple[int, int] = (0, 0)  # the augmented image's (H', W')
 
 
 class ImageAugmentor:
@@ -66,50 +67,75 @@ class ImageAugmentor:
             return image, pixel_vu
         import cv2
 
-        h, w = image.shape[:2]
-        nh, nw = max(1, round(h * self.scale)), max(1, round(w * self.scale))
+        (nh, nw), vu = self._resize_vu(image.shape[:2], pixel_vu)
         image = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA if self.scale < 1 else cv2.INTER_LINEAR)
+        return image, vu
+
+    def _resize_vu(self, hw: Tuple[int, int], pixel_vu: np.ndarray) -> Tuple[Tuple[int, int], np.ndarray]:
+        if self.scale == 1.0:
+            return (int(hw[0]), int(hw[1])), pixel_vu
+        h, w = hw
+        nh, nw = max(1, round(h * self.scale)), max(1, round(w * self.scale))
         vu = np.floor((pixel_vu + 0.5) * np.array([nh / h, nw / w])).astype(np.int64)
-        return image, np.minimum(vu, np.array([nh - 1, nw - 1]))
+        return (nh, nw), np.minimum(vu, np.array([nh - 1, nw - 1]))
 
     # -- geometry --------------------------------------------------------------------------
-    def geometric(self, image: np.ndarray, pixel_vu: np.ndarray, rng: np.random.Generator
-                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]:
-        image, pixel_vu = self.resize(image, pixel_vu)
-        h, w = image.shape[:2]
+    def geometry(self, hw: Tuple[int, int], pixel_vu: np.ndarray, rng: np.random.Generator
+                 ) -> Tuple[Tuple[int, int], np.ndarray, np.ndarray, Dict[str, float]]:
+        """Draw the resize, crop and flip for an image of size ``hw`` and move the in-view
+        pixels with them: (augmented (H', W'), pixels, keep, params). Needs no pixels."""
+        (h, w), vu = self._resize_vu(hw, pixel_vu)
         params: Dict[str, float] = {"crop_top": 0, "crop_left": 0, "flip": 0}
-        vu = pixel_vu.astype(np.int64, copy=True)
+        vu = vu.astype(np.int64, copy=True)
         keep = np.ones(len(vu), dtype=bool)
+        out_hw = (h, w)
         if self.train and self.crop_hw is not None:
             ch, cw = self.crop_hw
             top = int(rng.integers(0, max(h - ch, 0) + 1)) if self.crop_mode == "random" else max(h - ch, 0)
             left = int(rng.integers(0, max(w - cw, 0) + 1))
-            out = np.zeros((ch, cw, 3), dtype=image.dtype)
-            piece = image[top:top + ch, left:left + cw]
-            out[:piece.shape[0], :piece.shape[1]] = piece
-            image = out
+            piece_h, piece_w = min(ch, h - top), min(cw, w - left)  # zero padding beyond
             vu -= (top, left)
-            keep = (vu[:, 0] >= 0) & (vu[:, 0] < piece.shape[0]) & (vu[:, 1] >= 0) & (vu[:, 1] < piece.shape[1])
+            keep = (vu[:, 0] >= 0) & (vu[:, 0] < piece_h) & (vu[:, 1] >= 0) & (vu[:, 1] < piece_w)
             vu = vu[keep]
             params.update(crop_top=top, crop_left=left)
+            out_hw = (ch, cw)
         if self.train and rng.random() < self.flip_prob:
-            image = image[:, ::-1]
-            vu[:, 1] = image.shape[1] - 1 - vu[:, 1]
+            vu[:, 1] = out_hw[1] - 1 - vu[:, 1]
             params["flip"] = 1
+        return out_hw, vu, keep, params
+
+    def geometric(self, image: np.ndarray, pixel_vu: np.ndarray, rng: np.random.Generator
+                  ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, Dict[str, float]]:
+        out_hw, vu, keep, params = self.geometry(image.shape[:2], pixel_vu, rng)
+        image, _ = self.resize(image, pixel_vu[:0])
+        if self.train and self.crop_hw is not None:
+            top, left = params["crop_top"], params["crop_left"]
+            out = np.zeros((*out_hw, 3), dtype=image.dtype)
+            piece = image[top:top + out_hw[0], left:left + out_hw[1]]
+            out[:piece.shape[0], :piece.shape[1]] = piece
+            image = out
+        if params["flip"]:
+            image = image[:, ::-1]
         return np.ascontiguousarray(image), vu, keep, params
 
     # -- colour ----------------------------------------------------------------------------
     def draw_photometric(self, image01: np.ndarray, rng: np.random.Generator) -> Dict[str, float]:
-        b, c, s = self.jitter
-        params = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "contrast_mean": 0.0}
+        params = self.draw_jitter(rng)
         if not self.train:
             return params
-        params["brightness"] = float(rng.uniform(max(0.0, 1 - b), 1 + b)) if b else 1.0
-        params["contrast"] = float(rng.uniform(max(0.0, 1 - c), 1 + c)) if c else 1.0
-        params["saturation"] = float(rng.uniform(max(0.0, 1 - s), 1 + s)) if s else 1.0
         # contrast pivots on the mean grey level after brightness, fixed here so that the
         # transform stays a per-pixel function of colour (replayable on another image)
         params["contrast_mean"] = float((image01 @ _GRAY).mean() * params["brightness"])
+        return params
+
+    def draw_jitter(self, rng: np.random.Generator) -> Dict[str, float]:
+        """The colour jitter's random factors (none in evaluation)."""
+        params = {"brightness": 1.0, "contrast": 1.0, "saturation": 1.0, "contrast_mean": 0.0}
+        if self.train:
+            b, c, s = self.jitter
+            params["brightness"] = float(rng.uniform(max(0.0, 1 - b), 1 + b)) if b else 1.0
+            params["contrast"] = float(rng.uniform(max(0.0, 1 - c), 1 + c)) if c else 1.0
+            params["saturation"] = float(rng.uniform(max(0.0, 1 - s), 1 + s)) if s else 1.0
         return params
 
     @staticmethod
@@ -132,7 +158,16 @@ class ImageAugmentor:
         if photo["brightness"] != 1 or photo["contrast"] != 1 or photo["saturation"] != 1:
             img01 = self.photometric(img01, photo)
         params.update(photo)
-        return ImageAugResult(image=self.normalize(img01), pixel_vu=vu, keep=keep, params=params)
+        return ImageAugResult(image=self.normalize(img01), pixel_vu=vu, keep=keep, params=params,
+                              hw=(image.shape[0], image.shape[1]))
+
+    def correspondences(self, hw: Tuple[int, int], pixel_vu: np.ndarray, rng: np.random.Generator) -> ImageAugResult:
+        """What ``__call__`` gives an image of size ``hw`` but its pixels (``image`` None), with
+        the same random draws: for a consumer that reads no pixels (a LiDAR student), whose
+        point augmentation, drawn next from ``rng``, stays that of a run that decoded the image."""
+        out_hw, vu, keep, params = self.geometry(hw, pixel_vu, rng)
+        params.update(self.draw_jitter(rng))
+        return ImageAugResult(image=None, pixel_vu=vu, keep=keep, params=params, hw=out_hw)
 
 
 class PointAugmentor:

@@ -59,21 +59,24 @@ def collate_kitti(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     if all("kd_point_idx" in s for s in samples):  # rows of a teacher cache (data/kitti/teacher_cache.py)
         batch["kd_point_idx"] = torch.cat([s["kd_point_idx"] + pt_off[b] for b, s in enumerate(samples)])
         batch["teacher_logits"] = torch.cat([s["teacher_logits"] for s in samples])
-    if all("image" in s for s in samples):
-        h = max(s["image"].shape[1] for s in samples)
-        w = max(s["image"].shape[2] for s in samples)
-        images = torch.zeros(bsz, samples[0]["image"].shape[0], h, w, dtype=samples[0]["image"].dtype)
-        for b, s in enumerate(samples):
-            images[b, :, :s["image"].shape[1], :s["image"].shape[2]] = s["image"]
+    if all("img_point_idx" in s for s in samples):  # read with images (or their sizes only: without_pixels)
         n_img = [len(s["img_point_idx"]) for s in samples]
         batch.update(
-            images=images,
             image_hw=torch.tensor([list(s["image_hw"]) for s in samples], dtype=torch.int64),
             img_point_idx=torch.cat([s["img_point_idx"] + pt_off[b] for b, s in enumerate(samples)]),
             img_pixel_vu=torch.cat([s["img_pixel_vu"].reshape(-1, 2) for s in samples]),
             img_batch_idx=_batch_index(n_img),
             img_offsets=_offsets(n_img),
         )
-    elif any("image" in s for s in samples):
+    elif any("img_point_idx" in s for s in samples):
         raise ValueError("collate_kitti: some samples have an image and some do not")
+    if all("image" in s for s in samples):
+        h = max(s["image"].shape[1] for s in samples)
+        w = max(s["image"].shape[2] for s in samples)
+        images = torch.zeros(bsz, samples[0]["image"].shape[0], h, w, dtype=samples[0]["image"].dtype)
+        for b, s in enumerate(samples):
+            images[b, :, :s["image"].shape[1], :s["image"].shape[2]] = s["image"]
+        batch["images"] = images
+    elif any("image" in s for s in samples):
+        raise ValueError("collate_kitti: some samples have image pixels and some do not")
     return batch

@@ -5,6 +5,7 @@ synthetic generator writes the same layout, so both go through this class unchan
 """
 from __future__ import annotations
 
+import copy
 import sys
 import warnings
 from pathlib import Path
@@ -22,7 +23,7 @@ from .frames import Frame, list_frames
 from .frames import split_sequences as sequences_of_split
 from .labels import DEFAULT_IGNORE_INDEX, LabelMap
 from .projection import project_to_image
-from .reader import read_image, read_label, read_scan
+from .reader import read_image, read_image_size, read_label, read_scan
 from .voxelize import voxelize
 
 DEFAULT_VOXEL_SIZE = [0.05, 0.05, 0.05]
@@ -186,9 +187,19 @@ class SemanticKITTIDataset(Dataset):
         self.seed = seed
         self.epoch = 0
         self._calib_cache: Dict[Path, np.ndarray] = {}
+        self.read_pixels = True  # see without_pixels
 
     def __len__(self) -> int:
         return len(self.frames)
+
+    def without_pixels(self) -> "SemanticKITTIDataset":
+        """This dataset for a consumer that reads no image pixels (a LiDAR student with no
+        teacher in its step): the same samples, points, augmentation draws and pixel
+        correspondences, but no ``image`` (its size comes from the PNG header; decoding it
+        was a tenth of a lab student's time)."""
+        ds = copy.copy(self)
+        ds.read_pixels = False
+        return ds
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentations are drawn from (seed, epoch, index): call once per epoch."""
@@ -240,11 +251,12 @@ class SemanticKITTIDataset(Dataset):
 
         if self.load_image:
             proj_matrix = self.lidar_to_image(frame)
-            image = read_image(frame.image)
+            image = read_image(frame.image) if self.read_pixels else None
+            hw = image.shape[:2] if image is not None else read_image_size(frame.image)
             from .projection import check_image_size, check_maps_into_image
-            check_image_size(frame.image, image.shape[:2], proj_matrix, frame.calib, self.camera)
-            check_maps_into_image(proj_matrix, image.shape[:2], frame.calib, self.camera)
-            proj = project_to_image(scan[:, :3], proj_matrix, image.shape[:2])
+            check_image_size(frame.image, hw, proj_matrix, frame.calib, self.camera)
+            check_maps_into_image(proj_matrix, hw, frame.calib, self.camera)
+            proj = project_to_image(scan[:, :3], proj_matrix, hw)
             in_view = np.flatnonzero(proj.in_view)
             if in_view.size == 0 and self.require_in_view:
                 raise KittiDataError(frame.scan, f"no point in the camera's view ({frame.image.name}, "
@@ -253,9 +265,12 @@ class SemanticKITTIDataset(Dataset):
             if self.fov_only:  # the scan becomes its in-view points, in file order
                 scan, labels, point_index = scan[in_view], labels[in_view], in_view
                 in_view = np.arange(len(in_view))
-            aug = self.image_aug(image, pixel_vu, rng)
-            sample["image"] = torch.from_numpy(aug.image)
-            sample["image_hw"] = (min(image.shape[0], aug.image.shape[1]), min(image.shape[1], aug.image.shape[2]))
+            if image is not None:
+                aug = self.image_aug(image, pixel_vu, rng)
+                sample["image"] = torch.from_numpy(aug.image)
+            else:  # the same correspondences and random draws, no pixels
+                aug = self.image_aug.correspondences(hw, pixel_vu, rng)
+            sample["image_hw"] = (min(hw[0], aug.hw[0]), min(hw[1], aug.hw[1]))
             sample["img_point_idx"] = torch.from_numpy(in_view[aug.keep])
             sample["img_pixel_vu"] = torch.from_numpy(aug.pixel_vu)
 
@@ -279,7 +294,7 @@ class SemanticKITTIDataset(Dataset):
             sem, _ = read_label(frame.label, len(scan))
             labels = self.label_map.to_train(sem, frame.label, self.unknown_labels)
             if self.fov_only:
-                proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image(frame.image).shape[:2])
+                proj = project_to_image(scan[:, :3], self.lidar_to_image(frame), read_image_size(frame.image))
                 labels = labels[proj.in_view]
         except KittiDataError as err:
             if not self.skip_bad_frames:

@@ -85,6 +85,23 @@ def read_image(path: PathLike) -> np.ndarray:
     return np.ascontiguousarray(img[:, :, ::-1])
 
 
+def read_image_size(path: PathLike) -> Tuple[int, int]:
+    """``image_2/NNNNNN.png`` -> (H, W) from the PNG header, without decoding the pixels
+    (another format: decoded)."""
+    path = Path(path)
+    size = _file_size(path, "image")
+    with open(path, "rb") as f:
+        head = f.read(24)
+    if head[:8] != b"\x89PNG\r\n\x1a\n":
+        return read_image(path).shape[:2]
+    if size < 33 or head[12:16] != b"IHDR":  # signature, IHDR (length, type, 13 bytes, CRC)
+        raise KittiDataError(path, "damaged PNG: no IHDR header after the signature")
+    w, h = int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+    if not (w and h):
+        raise KittiDataError(path, f"damaged PNG: header says {w}x{h} pixels")
+    return h, w
+
+
 def _file_size(path: Path, what: str) -> int:
     try:
         st = os.stat(path)

@@ -372,6 +372,9 @@ class TeacherCacheDataset(torch.utils.data.Dataset):
             raise AttributeError(name)
         return getattr(self.dataset, name)
 
+    def without_pixels(self) -> "TeacherCacheDataset":
+        return TeacherCacheDataset(self.dataset.without_pixels(), self.cache)
+
     def __getitem__(self, index: int) -> Dict[str, Any]:
         sample = self.dataset[index]
         cached_idx, logits = self.cache.rows(sample["frame_id"], int(sample["num_scan_points"]))

@@ -14,24 +14,24 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List
 
 from .study import cell_lines, describe, is_done, once_per_study
 
 EXECUTORS = ("local", "slurm", "debug")
 
 
-def cell_job(config: str, overrides: Sequence[str], work_dir: str, name: str, seed: Optional[int],
-             only: Sequence[str] = ()) -> Dict[str, Any]:
-    """What a submitted job runs: load the study, find the cell, run it (returns its cell.json)."""
+def cell_job(cell: Dict[str, Any], related: List[Dict[str, Any]], study: Dict[str, Any]) -> Dict[str, Any]:
+    """What a submitted job runs: one cell (returns its cell.json). The job gets the cell's
+    config as the submitting process built and validated it (pickled by submitit), with the
+    once-per-study cells it may need (teachers, caches): loading the study's every config again
+    in each job cost 20 s of one core per cell on the lab's grid."""
     from ..runner import import_all
-    from .study import cells, find_cell, load_study, run_cell, subset
+    from .study import run_cell
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import_all()
-    study = subset(load_study(config, list(overrides)), list(only))
-    all_cells = cells(study, Path(work_dir))
-    return run_cell(find_cell(all_cells, name, seed), all_cells, study, progress=False)
+    return run_cell(cell, related + [cell], study, progress=False)
 
 
 def make_executor(kind: str, folder: Path, study: Dict[str, Any]):
@@ -130,9 +130,9 @@ def job_log(job) -> str:
     return str(paths.stderr) if paths is not None else "in this process"
 
 
-def submit_with(executor, config: str, overrides: Sequence[str], work_dir: Path,
-                only: Sequence[str] = ()) -> Callable[[Dict[str, Any]], Any]:
+def submit_with(executor, all_cells: List[Dict[str, Any]], study: Dict[str, Any]) -> Callable[[Dict[str, Any]], Any]:
+    related = [c for c in all_cells if once_per_study(c)]  # the teachers and caches a cell may read
+
     def submit(cell: Dict[str, Any]):
-        return executor.submit(cell_job, str(config), list(overrides), str(work_dir), cell["name"],
-                               None if once_per_study(cell) else cell["seed"], list(only))
+        return executor.submit(cell_job, cell, [c for c in related if c is not cell], study)
     return submit

@@ -196,6 +196,12 @@ def train_stage(stage: str, cfg: Dict[str, Any], env: DistEnv, work_dir: Path, t
             distiller.build_modules(model.out_channels, teacher.out_channels)
         distiller.to(device)
         broadcast_module(distiller, env)  # outside DDP: start every rank from rank 0's regressors
+    if (stage == "student" and teacher is None and not getattr(model, "reads_images", False)
+            and hasattr(train_ds, "without_pixels")):
+        # no model in this stage's steps reads pixels (the teacher's rows, if any, come from
+        # the cache): image sizes only, the same samples and augmentation draws
+        train_ds = train_ds.without_pixels()
+        val_ds = val_ds.without_pixels() if val_ds is not None else None
     params = list(model.parameters()) + (list(distiller.parameters()) if distiller is not None else [])
     opt = build_optimizer(params, o, device)
     runner = StageRunner(stage, cfg, env, stage_dir, name=name, model=model, optim_cfg=o, opt=opt,

@@ -78,6 +78,7 @@ class ResNetEncoder(nn.Module):
 @MODELS.register_module("resnet_fcn")
 class ResNetFCN(nn.Module):
     rows = "in_view"  # what the rows of ``logits`` are (the engine pairs student and teacher rows by it)
+    reads_images = True  # batch["images"] (a dataset read without_pixels() has none)
 
     def __init__(self, num_classes: int = 19, in_channels: int = 3,
                  widths: Sequence[int] = (64, 128, 256, 512), depths: Sequence[int] = (3, 4, 6, 3),

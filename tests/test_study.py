@@ -470,6 +470,9 @@ def test_the_committed_shift_study_records_hold_five_seeds_per_cell_and_their_in
     for r in records:
         groups.setdefault((r["teacher"], r["degradation"], r["teacher_fit"], r["method"]), []).append(r)
     assert {k[2] for k in groups} == {"in_sample", "out_of_fold"} and {k[1] for k in groups} >= {0.0, 1.0}
+    # the config's whole grid: both teachers x D 0, 1 x both fits x the five methods
+    assert set(groups) == {(t, d, f, m) for t in ("image", "fusion") for d in (0.0, 1.0)
+                           for f in ("in_sample", "out_of_fold") for m in ("none", "kd", "kd_pssm", "dkd", "dkd_pssm")}
     baseline = {r["seed"]: r["baseline_in_view"] for r in records}
     for key, rs in groups.items():
         seeds = sorted(r["seed"] for r in rs)
@@ -482,3 +485,31 @@ def test_the_committed_shift_study_records_hold_five_seeds_per_cell_and_their_in
         for r in rs:
             assert r["delta_ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=1e-9), key
         assert all(0 <= r["teacher_target_accuracy"] <= 100 for r in rs)
+
+
+def test_teacher_effect_pairs_each_later_teacher_with_the_first_by_seed():
+    """teacher_effect: (later teacher's student) − (first teacher's student) of the same D, fit,
+    method and seed, against scipy's t-interval; seeds only one teacher has are left out, the
+    no-KD control is not compared."""
+    from scipy import stats
+
+    from pcseg_kd.engine.kitti.study_report import teacher_effect
+
+    rng = np.random.default_rng(0)
+    records = [{"teacher": t, "degradation": d, "teacher_fit": f, "method": m, "seed": s,
+                "student_in_view": float(rng.normal(45, 2))}
+               for t in ("image", "fusion") for d in (0.0, 1.0) for f in ("in_sample", "out_of_fold")
+               for m in ("none", "kd") for s in range(5)]
+    records.append({**records[-1], "teacher": "fusion", "seed": 9})  # no image student of seed 9
+    types = {"none": "none", "kd": "kd"}
+    out = teacher_effect(records, types, ["image", "fusion"], "in_view")
+    assert list(out) == ["fusion − image"] and len(out["fusion − image"]) == 4
+    for d in (0.0, 1.0):
+        for f in ("in_sample", "out_of_fold"):
+            val = {(r["teacher"], r["seed"]): r["student_in_view"] for r in records
+                   if (r["degradation"], r["teacher_fit"], r["method"]) == (d, f, "kd")}
+            diff = np.array([val[("fusion", s)] - val[("image", s)] for s in range(5)])
+            half = stats.t.ppf(0.975, 4) * diff.std(ddof=1) / 5 ** 0.5
+            got = out["fusion − image"][f"d{d:g}/{f}"]
+            assert set(got) == {"kd"} and got["kd"]["seeds"] == list(range(5))
+            assert got["kd"]["ci95"] == pytest.approx([diff.mean() - half, diff.mean() + half], abs=1e-9)

@@ -89,7 +89,9 @@ def gather(study: Dict[str, Any], work_dir: Path, all_cells: List[Dict[str, Any]
                "baseline_in_view": mean_std(b["in_view"] for b in baselines.values()),
                "baseline_all": mean_std(b["all"] for b in baselines.values()),
                "teachers": {group_tag(t, d, None): o["in_view"] for (t, d), o in teachers.items()},
-               "summary": summary, "pssm_effect": pssm_effect(records, types, study["metric"]), "records": records,
+               "summary": summary, "pssm_effect": pssm_effect(records, types, study["metric"]),
+               "teacher_effect": teacher_effect(records, types, list(study["teachers"]), study["metric"]),
+               "records": records,
                "cell_seconds_total": sum(o.get("seconds") or 0.0 for o in outs.values()),
                "wall_seconds_last_run": seconds}
     halves = [s["delta"]["half_width"] for g in summary.values() for m, s in g.items()
@@ -126,6 +128,26 @@ def pssm_effect(records: List[Dict[str, Any]], types: Dict[str, str], metric: st
                 p = paired([by[g + (w, s)] for s in seeds], [by[g + (wo, s)] for s in seeds])
                 out.setdefault(group_tag(*g), {})[f"{w}-{wo}"] = {
                     **p, "ci95": None if p["low"] is None else [p["low"], p["high"]], "seeds": seeds}
+    return out
+
+
+def teacher_effect(records: List[Dict[str, Any]], types: Dict[str, str], teachers: List[str],
+                   metric: str) -> Dict[str, Any]:
+    """Per D, fit and distilled method: (the student of each later teacher) − (the student of
+    the study's first teacher) of the same seed, with its interval: Table 6's question (is the
+    fusion teacher's KD better than the image teacher's?) paired by seed."""
+    by = {group_key(r) + (r["method"], r["seed"]): r[f"student_{metric}"] for r in records
+          if types[r["method"]] != "none"}
+    out: Dict[str, Any] = {}
+    first = teachers[0]
+    for t, d, fit, m in dict.fromkeys(k[:4] for k in by):
+        if t == first:
+            continue
+        seeds = sorted(k[-1] for k in by if k[:4] == (t, d, fit, m) and (first, d, fit, m, k[-1]) in by)
+        if seeds:
+            p = paired([by[(t, d, fit, m, s)] for s in seeds], [by[(first, d, fit, m, s)] for s in seeds])
+            out.setdefault(f"{t} − {first}", {}).setdefault(group_tag(None, d, fit) or "all", {})[m] = {
+                **p, "ci95": None if p["low"] is None else [p["low"], p["high"]], "seeds": seeds}
     return out
 
 
@@ -223,6 +245,13 @@ def markdown(study: Dict[str, Any], results: Dict[str, Any], types: Dict[str, st
                   "| cell | " + " | ".join(p.replace("-", " − ") for p in pairs) + " |", "|---" * (1 + len(pairs)) + "|"]
         for g, row in effect.items():
             lines.append(f"| {g} | " + " | ".join(format_delta(row[p]) if p in row else "–" for p in pairs) + " |")
+    for pair, rows in (results.get("teacher_effect") or {}).items():
+        ms = [m for m in methods if any(m in row for row in rows.values())]
+        lines += ["", f"## Teacher against teacher ({where}): the student of {pair.split(' − ')[0]} − the student of "
+                  f"{pair.split(' − ')[1]}, same D, fit, method and seed", "",
+                  "| D / fit | " + " | ".join(method_label(m) for m in ms) + " |", "|---" * (1 + len(ms)) + "|"]
+        for g, row in rows.items():
+            lines.append(f"| {g} | " + " | ".join(format_delta(row[m]) if m in row else "–" for m in ms) + " |")
     lines += ["", "## SSDH diagnostics: teacher targets on the distilled rows, output CMD (teacher vs student "
               "softmax, in-view val points), PSSM's Ω over the last epoch", "",
               "| cell | method | targets right | targets mIoU | output CMD | Ω = 1 | Ω = 0 | between |", "|---" * 8 + "|"]

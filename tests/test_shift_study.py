@@ -120,6 +120,14 @@ def test_output_cmd_is_the_cmd_of_the_in_view_softmax_outputs():
     assert same == 0.0
     with pytest.raises(ValueError, match="no in-view points"):
         output_cmd(Fixed("points", "s"), Fixed("in_view", "t"), [], torch.device("cpu"))
+    # the teacher's half computed once (teacher_in_view_logits) gives the same CMD, bitwise
+    from pcseg_kd.engine.kitti.diagnostics import teacher_in_view_logits
+    logits = teacher_in_view_logits(Fixed("in_view", "t"), batches, torch.device("cpu"))
+    assert output_cmd(Fixed("points", "s"), logits, batches, torch.device("cpu")) == got
+    with pytest.raises(ValueError, match="the loader gave 2 batches, the teacher's logits are of 3"):
+        output_cmd(Fixed("points", "s"), logits + logits[:1], batches, torch.device("cpu"))
+    with pytest.raises(ValueError, match="more batches than the 1 of the teacher's logits"):
+        output_cmd(Fixed("points", "s"), logits[:1], batches, torch.device("cpu"))
 
 
 def test_unknown_image_quality_key_is_a_config_error():

@@ -371,6 +371,27 @@ def test_a_tiny_study_through_local_and_debug_executors_gives_the_same_figures(t
     for key in ("in_view", "all", "iou_in_view", "omega_last_epoch", "teacher_targets", "output_cmd"):
         assert after[key] == before[key], key
     assert "fusion-d1-oof-dkd_pssm seed 0: mIoU in view" in r.stdout and "teacher targets on the distilled rows" in r.stdout
+    # the CMD from the teacher's validation logits kept beside its final.pt (computed by the
+    # first student) is the CMD against the teacher model itself, on images it decodes
+    import torch
+
+    from pcseg_kd.engine.kitti.diagnostics import output_cmd
+    from pcseg_kd.engine.kitti.study import _val_loader, cells, find_cell, load_study
+    from pcseg_kd.engine.kitti.teacher import load_frozen
+    from pcseg_kd.registry import DATASETS
+    study = load_study(str(cfg), [])
+    all_cells = cells(study, work)
+    s_cell, t_cell = find_cell(all_cells, "fusion-d1-oof-dkd_pssm", 0), find_cell(all_cells, "teacher-fusion-d1", None)
+    assert (t_cell["dir"] / "teacher" / "val_in_view_logits.pt").is_file()
+    cpu, threads = torch.device("cpu"), torch.get_num_threads()
+    torch.set_num_threads(1)  # as the cells ran (threads: 1)
+    try:
+        student = load_frozen(s_cell["dir"] / "student" / "final.pt", s_cell["cfg"]["student"]["model"], cpu)
+        teacher = load_frozen(t_cell["dir"] / "teacher" / "final.pt", t_cell["cfg"]["teacher"]["model"], cpu)
+        loader = _val_loader(DATASETS.build(t_cell["cfg"]["data"]["val"]), t_cell["cfg"], cpu)
+        assert output_cmd(student, teacher, loader, cpu, k=study["cmd_moments"]) == before["output_cmd"]
+    finally:
+        torch.set_num_threads(threads)
     # a no-KD cell without its CMD to a teacher (run in a subset before that teacher): computed, the same value
     base_json = work / "students/seed0/none/cell.json"
     base = json.loads(base_json.read_text())

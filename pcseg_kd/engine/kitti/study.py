@@ -25,6 +25,7 @@ gathers them into tables, records and a plot.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -389,21 +390,57 @@ def export_cache(cell: Dict[str, Any], env, progress: bool) -> Dict[str, Any]:
 def cell_cmd(student_cell: Dict[str, Any], teacher_cell: Dict[str, Any], study: Dict[str, Any],
              device: "torch.device") -> float:
     """CMD between the student's and the teacher's softmax outputs on the in-view validation
-    points of the teacher's D (the student's LiDAR input is the same for every D)."""
+    points of the teacher's D (the student's LiDAR input is the same for every D). The
+    teacher's side comes from :func:`teacher_val_logits`, computed once per teacher."""
     from ...registry import DATASETS
-    from ..distributed import DistEnv
-    from .data import ShardedBatchSampler, make_loader
     from .diagnostics import output_cmd
     from .teacher import load_frozen
 
     cfg = teacher_cell["cfg"]
     student = load_frozen(student_cell["dir"] / "student" / "final.pt", student_cell["cfg"]["student"]["model"], device)
-    teacher = load_frozen(teacher_cell["dir"] / "teacher" / "final.pt", cfg["teacher"]["model"], device)
+    teacher_logits = teacher_val_logits(teacher_cell, device)
+    val = DATASETS.build(cfg["data"]["val"]).without_pixels()  # the LiDAR student reads no pixels
+    return output_cmd(student, teacher_logits, _val_loader(val, cfg, device), device, k=study["cmd_moments"])
+
+
+def _val_loader(val, cfg: Dict[str, Any], device: "torch.device"):
+    from ..distributed import DistEnv
+    from .data import ShardedBatchSampler, make_loader
+
+    sampler = ShardedBatchSampler(len(val), cfg["teacher"]["optim"]["batch_size"], False, 0, DistEnv(device=device), False)
+    return make_loader(val, sampler, 0, device)
+
+
+def teacher_val_logits(teacher_cell: Dict[str, Any], device: "torch.device") -> list:
+    """The teacher's in-view logits on every validation batch, kept beside its ``final.pt``
+    (``val_in_view_logits.pt``, tagged with that checkpoint's size and time and the validation
+    settings): the teacher's half of every student's CMD, computed by the first of them. A
+    retrained teacher or other validation data computes them again."""
+    import torch
+
+    from ...registry import DATASETS
+    from ...utils.io import atomic_write
+    from .diagnostics import teacher_in_view_logits
+    from .teacher import load_frozen
+
+    cfg = teacher_cell["cfg"]
+    final = teacher_cell["dir"] / "teacher" / "final.pt"
+    st = final.stat()
+    key = {"final_pt": [st.st_size, st.st_mtime_ns], "val": json.loads(json.dumps(cfg["data"]["val"], default=str)),
+           "batch_size": cfg["teacher"]["optim"]["batch_size"]}
+    path = final.parent / "val_in_view_logits.pt"
+    if path.is_file():
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("key") == key:
+                return saved["logits"]
+        except Exception:  # noqa: BLE001 - a damaged file is computed again
+            pass
+    teacher = load_frozen(final, cfg["teacher"]["model"], device)
     val = DATASETS.build(cfg["data"]["val"])
-    env = DistEnv(device=device)
-    loader = make_loader(val, ShardedBatchSampler(len(val), cfg["teacher"]["optim"]["batch_size"], False, 0, env, False),
-                         0, device)
-    return output_cmd(student, teacher, loader, device, k=study["cmd_moments"])
+    logits = teacher_in_view_logits(teacher, _val_loader(val, cfg, device), device)
+    atomic_write(path, lambda f: torch.save({"key": key, "logits": logits}, f), binary=True)
+    return logits
 
 
 def cell_lines(cell_out: Dict[str, Any]) -> List[str]:

@@ -534,3 +534,18 @@ def test_teacher_effect_pairs_each_later_teacher_with_the_first_by_seed():
             got = out["fusion − image"][f"d{d:g}/{f}"]
             assert set(got) == {"kd"} and got["kd"]["seeds"] == list(range(5))
             assert got["kd"]["ci95"] == pytest.approx([diff.mean() - half, diff.mean() + half], abs=1e-9)
+
+
+@pytest.mark.parametrize("config", ["table6.yaml", "table6_quickstart.yaml", "shift_study.yaml"])
+def test_the_distilled_methods_of_a_committed_study_differ_only_in_their_loss(config):
+    """Every distilled column of a study distils the same way (warm-up, kd_weight, where the
+    teacher's rows come from): a column taking its base config's distiller must not differ from
+    the others in more than its loss (table6_quickstart's DKD+PSSM once had 2 warm-up epochs
+    and the cache while its KD columns had 5 and an online teacher)."""
+    from pcseg_kd.engine.kitti.study import cells, load_study
+
+    study = load_study(str(ROOT / "configs/kitti" / config), [])
+    students = [c for c in cells(study, ROOT / "work_dirs/never_written") if c["kind"] == "student"]
+    shared = {(c["cfg"]["distiller"].get("teacher_source", "online"), c["cfg"]["distiller"]["warmup_epochs"],
+               c["cfg"]["distiller"]["kd_weight"]) for c in students}
+    assert len({c["method"] for c in students}) == 4 and len(shared) == 1, shared

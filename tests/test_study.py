@@ -549,3 +549,33 @@ def test_the_distilled_methods_of_a_committed_study_differ_only_in_their_loss(co
     shared = {(c["cfg"]["distiller"].get("teacher_source", "online"), c["cfg"]["distiller"]["warmup_epochs"],
                c["cfg"]["distiller"]["kd_weight"]) for c in students}
     assert len({c["method"] for c in students}) == 4 and len(shared) == 1, shared
+
+
+def test_done_cells_run_with_other_settings_are_named_not_reused(tmp_path):
+    """A done cell whose config.yaml differs from what the study now asks of it (a method's
+    warm-up changed in the study config, say) is reported, naming the key; settings that change
+    no figure (eval_interval, where the teacher's files lie) are not."""
+    import yaml
+
+    from pcseg_kd.config import save_config
+    from pcseg_kd.engine.kitti.study import cells, stale_cells
+
+    all_cells = cells(load(only=["teachers=fusion", "seeds=0"]), tmp_path)
+    student = next(c for c in all_cells if c["kind"] == "student" and c["method"] == "kd")
+    teacher = next(c for c in all_cells if c["kind"] == "teacher")
+    for c in (student, teacher):
+        c["dir"].mkdir(parents=True)
+        save_config(c["cfg"], c["dir"] / "config.yaml")
+        (c["dir"] / "cell.json").write_text("{}")
+    assert stale_cells(all_cells) == []
+    saved = yaml.safe_load((student["dir"] / "config.yaml").read_text())
+    saved.update(eval_interval=1, teacher_checkpoint="elsewhere/final.pt")
+    saved["distiller"]["teacher_cache"] = "elsewhere/teacher_cache"
+    (student["dir"] / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert stale_cells(all_cells) == []
+    saved["distiller"]["warmup_epochs"] = 5
+    (student["dir"] / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert stale_cells(all_cells) == [f"fusion-d0-insample-kd seed 0 ({student['dir'] / 'config.yaml'}: "
+                                      "distiller.warmup_epochs was 5, the study now has 2)"]
+    (student["dir"] / "cell.json").unlink()  # not done: it will run with the study's settings
+    assert stale_cells(all_cells) == []

@@ -46,7 +46,7 @@ def main(argv=None):
     args = parse_args(__doc__.splitlines()[0], argv, extra=study_options)
     from pcseg_kd.data.kitti.errors import KittiDataError
     from pcseg_kd.engine.kitti.study import (cell_lines, cells, cells_to_gather, complete_baseline_cmds, find_cell,
-                                             load_study, run_cell, subset)
+                                             load_study, run_cell, stale_cells, subset)
     from pcseg_kd.engine.kitti.study_report import gather
     from pcseg_kd.engine.kitti.train import ResumeMismatch
     from pcseg_kd.engine.runner import experiment_kind
@@ -65,6 +65,11 @@ def main(argv=None):
         cell = find_cell(all_cells, args.cell, args.seed) if args.cell else None
     except (ConfigError, KeyError, ValueError, TypeError) as e:
         raise SystemExit(f"error: {e}")
+    stale = stale_cells(all_cells)
+    if stale:
+        raise SystemExit(f"error: {len(stale)} done cells of {work_dir} were run with other settings than the "
+                         f"study's now, first: {stale[0]}. Delete their folders to run them again with these "
+                         "settings, or use another --work-dir")
     try:
         if cell is not None:
             out = run_cell(cell, all_cells, study, progress=not args.no_progress)

@@ -277,6 +277,40 @@ def is_done(cell: Dict[str, Any]) -> bool:
     return (cell["dir"] / "cell.json").is_file()
 
 
+# settings that change no figure of a cell (or name where its inputs lie in the work folder,
+# which the chain of needed cells already pins): a done cell differing only in these is reused
+SETTINGS_NOT_COMPARED = ("eval_interval", "log_interval", "teacher_checkpoint", "distiller.teacher_cache")
+
+
+def stale_cells(all_cells: List[Dict[str, Any]]) -> List[str]:
+    """The done teacher, baseline and student cells whose saved ``config.yaml`` differs from the
+    study's config for them now (beyond :data:`SETTINGS_NOT_COMPARED`): reused, they would put
+    figures of other settings in the tables. One line each, naming the first difference."""
+    import yaml
+
+    def flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+        if isinstance(d, dict):
+            out: Dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    out = []
+    for c in all_cells:
+        saved_path = c["dir"] / "config.yaml"
+        if c["kind"] == "cache" or not is_done(c) or not saved_path.is_file():
+            continue
+        saved = flat(json.loads(json.dumps(yaml.safe_load(saved_path.read_text()), default=str)))
+        now = flat(json.loads(json.dumps(c["cfg"], default=str)))
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                      and not any(k == s or k.startswith(s + ".") for s in SETTINGS_NOT_COMPARED))
+        if diff:
+            out.append(f"{describe(c)} ({saved_path}: {diff[0]} was {saved.get(diff[0])!r}, the study now has "
+                       f"{now.get(diff[0])!r}" + (f"; {len(diff) - 1} more" if len(diff) > 1 else "") + ")")
+    return out
+
+
 def describe(cell: Dict[str, Any]) -> str:
     return cell["name"] + ("" if once_per_study(cell) else f" seed {cell['seed']}")
 

@@ -104,7 +104,7 @@ def cmd_float64(x, y, k=5):
 
 
 def test_output_cmd_is_the_cmd_of_the_in_view_softmax_outputs():
-    from pcseg_kd.engine.kitti.diagnostics import output_cmd
+    from pcseg_kd.engine.kitti.diagnostics import output_cmd, teacher_in_view_logits
 
     g = torch.Generator().manual_seed(1)
     batches, s_all, t_all = [], [], []
@@ -114,20 +114,19 @@ def test_output_cmd_is_the_cmd_of_the_in_view_softmax_outputs():
         batches.append({"s": s, "t": t, "img_point_idx": idx, "labels": torch.zeros(n, dtype=torch.long)})
         s_all.append(s[idx].double().softmax(-1).numpy())
         t_all.append(t.double().softmax(-1).numpy())
-    got = output_cmd(Fixed("points", "s"), Fixed("in_view", "t"), batches, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    teacher = teacher_in_view_logits(Fixed("in_view", "t"), batches, cpu)
+    assert [x.shape[0] for x in teacher] == [20, 30]
+    got = output_cmd(Fixed("points", "s"), teacher, batches, cpu)
     assert got == pytest.approx(cmd_float64(np.concatenate(s_all), np.concatenate(t_all)), rel=1e-10)
-    same = output_cmd(Fixed("in_view", "t"), Fixed("in_view", "t"), batches, torch.device("cpu"))
+    same = output_cmd(Fixed("in_view", "t"), teacher, batches, cpu)
     assert same == 0.0
     with pytest.raises(ValueError, match="no in-view points"):
-        output_cmd(Fixed("points", "s"), Fixed("in_view", "t"), [], torch.device("cpu"))
-    # the teacher's half computed once (teacher_in_view_logits) gives the same CMD, bitwise
-    from pcseg_kd.engine.kitti.diagnostics import teacher_in_view_logits
-    logits = teacher_in_view_logits(Fixed("in_view", "t"), batches, torch.device("cpu"))
-    assert output_cmd(Fixed("points", "s"), logits, batches, torch.device("cpu")) == got
+        output_cmd(Fixed("points", "s"), [], [], cpu)
     with pytest.raises(ValueError, match="the loader gave 2 batches, the teacher's logits are of 3"):
-        output_cmd(Fixed("points", "s"), logits + logits[:1], batches, torch.device("cpu"))
+        output_cmd(Fixed("points", "s"), teacher + teacher[:1], batches, cpu)
     with pytest.raises(ValueError, match="more batches than the 1 of the teacher's logits"):
-        output_cmd(Fixed("points", "s"), logits[:1], batches, torch.device("cpu"))
+        output_cmd(Fixed("points", "s"), teacher[:1], batches, cpu)
 
 
 def test_unknown_image_quality_key_is_a_config_error():

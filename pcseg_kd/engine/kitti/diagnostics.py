@@ -10,7 +10,7 @@ Both run the models in eval mode on one process; they are diagnostics, not train
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, Dict, Iterable, List, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -21,20 +21,24 @@ from .data import to_device
 from .objective import in_view, rows_of
 
 
-def paired_in_view(student: nn.Module, teacher: Optional[nn.Module], batch: Dict[str, Any],
-                   teacher_logits: Optional[Tensor] = None) -> Dict[str, Tensor]:
-    """Both models' in-view logits on one batch (the teacher's given, or computed), the
-    labels, and which in-view rows the student predicts (a point without a voxel has no
-    student output)."""
+def student_in_view(student: nn.Module, batch: Dict[str, Any]) -> Dict[str, Tensor]:
+    """The student's in-view logits on one batch and which of those rows it predicts (a point
+    without a voxel has no student output)."""
     s_out = student(batch)
     s_rows = rows_of(student)
-    s_logits = in_view(s_out["logits"], s_rows, batch)
-    t_logits = teacher_logits if teacher_logits is not None else in_view(teacher(batch)["logits"], rows_of(teacher), batch)
-    valid = torch.ones(s_logits.shape[0], dtype=torch.bool, device=s_logits.device)
+    logits = in_view(s_out["logits"], s_rows, batch)
+    valid = torch.ones(logits.shape[0], dtype=torch.bool, device=logits.device)
     if "point_valid" in s_out:
         valid = in_view(s_out["point_valid"], s_rows, batch)
-    return {"student": s_logits, "teacher": t_logits, "labels": in_view(batch["labels"], "points", batch),
-            "valid": valid}
+    return {"logits": logits, "valid": valid}
+
+
+def paired_in_view(student: nn.Module, teacher: nn.Module, batch: Dict[str, Any]) -> Dict[str, Tensor]:
+    """Both models' in-view logits on one batch, the labels, and which in-view rows the
+    student predicts."""
+    s = student_in_view(student, batch)
+    return {"student": s["logits"], "teacher": in_view(teacher(batch)["logits"], rows_of(teacher), batch),
+            "labels": in_view(batch["labels"], "points", batch), "valid": s["valid"]}
 
 
 @torch.no_grad()
@@ -52,35 +56,27 @@ def teacher_in_view_logits(teacher: nn.Module, loader: Iterable[Dict[str, Any]],
 
 
 @torch.no_grad()
-def output_cmd(student: nn.Module, teacher: Union[nn.Module, Sequence[Tensor]], loader: Iterable[Dict[str, Any]],
+def output_cmd(student: nn.Module, teacher_logits: Sequence[Tensor], loader: Iterable[Dict[str, Any]],
                device: torch.device, k: int = 5) -> float:
     """CMD_k between the student's and the teacher's softmax outputs over every in-view
     point of ``loader`` the student predicts (float64 moments, no bounds: the reference
-    code's convention, as Table 1). ``teacher``: the model, or its
-    :func:`teacher_in_view_logits` on the same batches (then the loader needs no pixels)."""
-    logits = None if isinstance(teacher, nn.Module) else list(teacher)
+    code's convention, as Table 1). ``teacher_logits``: :func:`teacher_in_view_logits` on the
+    same batches (so the student's loader needs no pixels)."""
     was = student.training
     student.eval()
-    if logits is None:
-        was_t = teacher.training
-        teacher.eval()
     s_all, t_all = [], []
     for i, batch in enumerate(loader):
-        batch = to_device(batch, device)
-        if logits is None:
-            pair = paired_in_view(student, teacher, batch)
-        else:
-            if i >= len(logits):
-                raise ValueError(f"output_cmd: the loader gave more batches than the {len(logits)} of the teacher's logits")
-            pair = paired_in_view(student, None, batch, logits[i].to(device))
-        s_all.append(pair["student"][pair["valid"]].double().softmax(-1).cpu())
-        t_all.append(pair["teacher"][pair["valid"]].double().softmax(-1).cpu())
+        if i >= len(teacher_logits):
+            raise ValueError(f"output_cmd: the loader gave more batches than the {len(teacher_logits)} "
+                             "of the teacher's logits")
+        s = student_in_view(student, to_device(batch, device))
+        s_all.append(s["logits"][s["valid"]].double().softmax(-1).cpu())
+        t_all.append(teacher_logits[i].to(device)[s["valid"]].double().softmax(-1).cpu())
     student.train(was)
-    if logits is None:
-        teacher.train(was_t)
-    elif len(s_all) != len(logits):
-        raise ValueError(f"output_cmd: the loader gave {len(s_all)} batches, the teacher's logits are of {len(logits)}")
-    if not s_all or sum(len(s) for s in s_all) == 0:
+    if len(s_all) != len(teacher_logits):
+        raise ValueError(f"output_cmd: the loader gave {len(s_all)} batches, the teacher's logits are of "
+                         f"{len(teacher_logits)}")
+    if sum(len(x) for x in s_all) == 0:
         raise ValueError("output_cmd: the loader gave no in-view points")
     return float(cmd(torch.cat(s_all), torch.cat(t_all), k=k))
 

@@ -109,6 +109,13 @@ def study_command(study: Dict[str, Any]) -> str:
                     + [f"--only {o}" for o in study.get("only", [])])
 
 
+def paired_by_seed(by: Dict[tuple, float], cell: tuple, control: tuple, seeds: List[int]) -> Dict[str, Any]:
+    """``by[cell + (seed,)] − by[control + (seed,)]`` over ``seeds``: the paired Δ, its 95 %
+    interval (``ci95``) and the seeds."""
+    p = paired([by[cell + (s,)] for s in seeds], [by[control + (s,)] for s in seeds])
+    return {**p, "ci95": None if p["low"] is None else [p["low"], p["high"]], "seeds": seeds}
+
+
 def pssm_effect(records: List[Dict[str, Any]], types: Dict[str, str], metric: str) -> Dict[str, Any]:
     """Per teacher, D and fit: (a method of type kd_pssm) − (the method of type kd) of the same
     seed, and likewise DKD; with their intervals: PSSM's effect on its own, not through the
@@ -125,9 +132,7 @@ def pssm_effect(records: List[Dict[str, Any]], types: Dict[str, str], metric: st
             w, wo = by_type[with_t], by_type[without_t]
             seeds = sorted(k[-1] for k in by if k[:3] == g and k[3] == w and g + (wo, k[-1]) in by)
             if seeds:
-                p = paired([by[g + (w, s)] for s in seeds], [by[g + (wo, s)] for s in seeds])
-                out.setdefault(group_tag(*g), {})[f"{w}-{wo}"] = {
-                    **p, "ci95": None if p["low"] is None else [p["low"], p["high"]], "seeds": seeds}
+                out.setdefault(group_tag(*g), {})[f"{w}-{wo}"] = paired_by_seed(by, g + (w,), g + (wo,), seeds)
     return out
 
 
@@ -145,9 +150,8 @@ def teacher_effect(records: List[Dict[str, Any]], types: Dict[str, str], teacher
             continue
         seeds = sorted(k[-1] for k in by if k[:4] == (t, d, fit, m) and (first, d, fit, m, k[-1]) in by)
         if seeds:
-            p = paired([by[(t, d, fit, m, s)] for s in seeds], [by[(first, d, fit, m, s)] for s in seeds])
-            out.setdefault(f"{t} − {first}", {}).setdefault(group_tag(None, d, fit) or "all", {})[m] = {
-                **p, "ci95": None if p["low"] is None else [p["low"], p["high"]], "seeds": seeds}
+            out.setdefault(f"{t} − {first}", {}).setdefault(group_tag(None, d, fit) or "all", {})[m] = \
+                paired_by_seed(by, (t, d, fit, m), (first, d, fit, m), seeds)
     return out
 
 

@@ -286,7 +286,7 @@ def stale_cells(all_cells: List[Dict[str, Any]]) -> List[str]:
     """The done teacher, baseline and student cells whose saved ``config.yaml`` differs from the
     study's config for them now (beyond :data:`SETTINGS_NOT_COMPARED`): reused, they would put
     figures of other settings in the tables. One line each, naming the first difference."""
-    import yaml
+    from ...config import yaml_load
 
     def flat(d: Any, prefix: str = "") -> Dict[str, Any]:
         if isinstance(d, dict):
@@ -301,7 +301,7 @@ def stale_cells(all_cells: List[Dict[str, Any]]) -> List[str]:
         saved_path = c["dir"] / "config.yaml"
         if c["kind"] == "cache" or not is_done(c) or not saved_path.is_file():
             continue
-        saved = flat(json.loads(json.dumps(yaml.safe_load(saved_path.read_text()), default=str)))
+        saved = flat(json.loads(json.dumps(yaml_load(saved_path.read_text()), default=str)))
         now = flat(json.loads(json.dumps(c["cfg"], default=str)))
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
                       and not any(k == s or k.startswith(s + ".") for s in SETTINGS_NOT_COMPARED))
@@ -438,11 +438,11 @@ def cell_cmd(student_cell: Dict[str, Any], teacher_cell: Dict[str, Any], study: 
 
 
 def _val_loader(val, cfg: Dict[str, Any], device: "torch.device"):
+    """The teacher's validation loader (its batch size), as its training validated, on one process."""
     from ..distributed import DistEnv
-    from .data import ShardedBatchSampler, make_loader
+    from .runner import make_val_loader
 
-    sampler = ShardedBatchSampler(len(val), cfg["teacher"]["optim"]["batch_size"], False, 0, DistEnv(device=device), False)
-    return make_loader(val, sampler, 0, device)
+    return make_val_loader(val, cfg["teacher"]["optim"]["batch_size"], cfg, DistEnv(device=device))
 
 
 def teacher_val_logits(teacher_cell: Dict[str, Any], device: "torch.device") -> list:
